@@ -1,0 +1,1 @@
+"""peft-core: parameter-efficient fine-tuning with methods as plugins."""

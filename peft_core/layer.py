@@ -1,0 +1,246 @@
+"""The contract every layer-wrapping adapter fulfils, and the bookkeeping they all share.
+
+A method's layer subclasses :class:`AdapterLayer`, keeps one entry per adapter name in the
+``nn.ModuleDict``/``nn.ParameterDict`` attributes it lists in ``adapter_layer_names`` (trainable)
+and the plain dicts in ``other_param_names`` (hyper-parameters), and implements ``update_layer``,
+``forward`` and, when it merges through an additive weight delta, ``get_delta_weight``. The
+core then handles activation, disabling, deletion, merge bookkeeping and state-dict keys.
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import abstractmethod
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from peft_core.config import PeftConfig
+
+__all__ = ["AdapterLayer", "check_adapters_to_merge"]
+
+
+class AdapterLayer(nn.Module):
+    """Base class of adapter layers that wrap a ``base_layer``.
+
+    Class attributes a subclass sets:
+
+    * ``adapter_layer_names`` - attributes holding per-adapter *trainable* modules/parameters
+      (e.g. ``("lora_A", "lora_B")``); their entries form the adapter's state dict.
+    * ``other_param_names`` - attributes holding per-adapter plain values (rank, scaling, ...).
+    """
+
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self._active_adapters: list[str] = []
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+
+    # ------------------------------------------------------------------ to implement
+    @abstractmethod
+    def update_layer(self, adapter_name: str, config: PeftConfig, *, key: str = "", **kwargs: Any) -> None:
+        """Create the parameters of ``adapter_name`` from ``config``.
+
+        ``key`` is the module's dotted name in the base model, for per-module options such as
+        ``rank_pattern``. Implementations should finish with
+        ``self._move_adapter_to_device_of_base_layer(adapter_name)`` and ``self.set_adapter(...)``.
+        """
+
+    @abstractmethod
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """Base output adapted by the active adapters (base output alone when disabled or merged)."""
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The additive change ``adapter_name`` makes to ``base_layer.weight`` (same shape)."""
+        raise TypeError(
+            f"{type(self).__name__} does not merge through an additive weight delta; it must override "
+            "merge_one/unmerge_one instead."
+        )
+
+    # ------------------------------------------------------------------ merge contract
+    def merge_one(self, adapter_name: str, *, safe_merge: bool = False) -> None:
+        """Fold ``adapter_name`` into the base weight. The default adds ``get_delta_weight``."""
+        weight = self.get_base_layer().weight
+        delta = self.get_delta_weight(adapter_name).to(weight.dtype)
+        if safe_merge:
+            merged = weight.data + delta
+            _raise_if_not_finite(merged, adapter_name)
+            weight.data = merged
+        else:
+            weight.data += delta
+
+    def unmerge_one(self, adapter_name: str) -> None:
+        """Undo :meth:`merge_one`. The default subtracts ``get_delta_weight``."""
+        weight = self.get_base_layer().weight
+        weight.data -= self.get_delta_weight(adapter_name).to(weight.dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Merge the given (default: active) adapters into the base weights.
+
+        Adapters that are already merged are skipped with a warning, so merging twice never
+        applies an adapter twice.
+        """
+        for name in check_adapters_to_merge(self, adapter_names):
+            if name in self.adapter_names:
+                self.merge_one(name, safe_merge=safe_merge)
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Unmerge every merged adapter, most recent first."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", UserWarning, stacklevel=2)
+            return
+        while self.merged_adapters:
+            self.unmerge_one(self.merged_adapters.pop())
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def adapter_names(self) -> list[str]:
+        """Names of the adapters this layer holds, in insertion order."""
+        names: dict[str, None] = {}
+        for attr in self.adapter_layer_names + self.other_param_names:
+            for name in getattr(self, attr, {}):
+                names.setdefault(name, None)
+        return list(names)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapters)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active_adapters[0] if len(self._active_adapters) == 1 else list(self._active_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    def set_adapter(self, adapter_names: str | Iterable[str]) -> None:
+        """Activate ``adapter_names`` (one name or several); only their parameters train."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            for name, item in container.items():
+                item.requires_grad_(name in names)
+        self._active_adapters = names
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Turn the adapters' effect on or off without touching their parameters."""
+        self._disable_adapters = not enabled
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise ValueError(
+                f"Adapter {adapter_name!r} is merged into the base weights; unmerge it before deleting it."
+            )
+        for attr in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, attr, None)
+            if container is not None and adapter_name in container:
+                del container[adapter_name]
+        if adapter_name in self._active_adapters:
+            remaining = [n for n in self._active_adapters if n != adapter_name]
+            if not remaining and self.adapter_names:
+                remaining = [self.adapter_names[0]]
+            self.set_adapter(remaining)
+
+    def get_base_layer(self) -> nn.Module:
+        """The innermost wrapped module (adapters of several methods may be stacked)."""
+        layer: nn.Module = self
+        while hasattr(layer, "base_layer"):
+            layer = layer.base_layer
+        return layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.get_base_layer().weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.get_base_layer(), "bias", None)
+
+    # ------------------------------------------------------------------ serialization
+    def checkpoint_suffix(self, attr: str, rest: str) -> str:
+        """Map the part of a model key after ``<attr>.<adapter>.`` to its checkpoint form.
+
+        The default keeps it, so ``lora_A.default.weight`` is saved as ``lora_A.weight``. A
+        method whose file format differs from its module layout overrides this (it must stay
+        injective, since loading inverts it).
+        """
+        return rest
+
+    def adapter_state_items(self, adapter_name: str) -> Iterable[tuple[str, str, torch.Tensor]]:
+        """``(model_suffix, checkpoint_suffix, tensor)`` for every tensor of ``adapter_name``.
+
+        Suffixes are relative to this layer's own dotted name.
+        """
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr, None)
+            if container is None or adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(item, torch.Tensor):
+                rest_items: Iterable[tuple[str, torch.Tensor]] = [("", item)]
+            else:
+                rest_items = item.state_dict(keep_vars=True).items()
+            for rest, tensor in rest_items:
+                model_suffix = f"{attr}.{adapter_name}" + (f".{rest}" if rest else "")
+                ckpt_rest = self.checkpoint_suffix(attr, rest)
+                ckpt_suffix = attr + (f".{ckpt_rest}" if ckpt_rest else "")
+                yield model_suffix, ckpt_suffix, tensor
+
+    # ------------------------------------------------------------------ helpers for subclasses
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str) -> None:
+        """Put ``adapter_name``'s tensors on the base weight's device (and float dtype)."""
+        base = self.get_base_layer()
+        ref = None
+        for name in ("weight", "qweight", "W_q"):
+            ref = getattr(base, name, None)
+            if isinstance(ref, torch.Tensor):
+                break
+        if not isinstance(ref, torch.Tensor) or ref.device.type == "meta":
+            return
+        dtype = ref.dtype if ref.dtype.is_floating_point else None
+        for attr in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, attr, None)
+            if not isinstance(container, (nn.ModuleDict, nn.ParameterDict)) or adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(item, nn.Parameter):
+                container[adapter_name] = nn.Parameter(
+                    item.data.to(ref.device, dtype=dtype), requires_grad=item.requires_grad
+                )
+            else:
+                container[adapter_name] = item.to(ref.device, dtype=dtype)
+
+    def _cast_to_adapter_dtype(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return x if x.dtype == dtype or not x.dtype.is_floating_point else x.to(dtype)
+
+
+def check_adapters_to_merge(layer: AdapterLayer, adapter_names: list[str] | None) -> list[str]:
+    """The adapters still to merge; already merged ones are dropped with a warning."""
+    names = layer.active_adapters if adapter_names is None else list(adapter_names)
+    already = [n for n in names if n in layer.merged_adapters]
+    if already:
+        warnings.warn(
+            f"Adapters {already} are already merged; they are not merged again.", UserWarning, stacklevel=3
+        )
+    return [n for n in names if n not in layer.merged_adapters]
+
+
+def _raise_if_not_finite(tensor: torch.Tensor, adapter_name: str) -> None:
+    if not torch.isfinite(tensor).all():
+        raise ValueError(
+            f"NaNs or infs detected in the merged weights of adapter {adapter_name!r}; the base weights were "
+            "left unchanged. The adapter is likely broken (check its training run)."
+        )
