@@ -1,1 +1,93 @@
-"""peft-core: parameter-efficient fine-tuning with methods as plugins."""
+"""peft-core: parameter-efficient fine-tuning with methods as plugins.
+
+Method configs come from installed plugins: ``from peft_core import LoraConfig`` works when
+``peft-lora`` is installed and otherwise raises an ImportError naming the package to install.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from peft_core.config import PeftConfig, TaskType
+from peft_core.errors import (
+    AdapterLoadError,
+    CheckpointShapeError,
+    ConfigError,
+    CorruptCheckpointError,
+    PeftCoreError,
+    TargetModulesError,
+    UnknownMethodError,
+)
+from peft_core.mapping import get_peft_model, inject_adapter_in_model
+from peft_core.peft_model import (
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+)
+from peft_core.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterLoadError",
+    "CheckpointShapeError",
+    "ConfigError",
+    "CorruptCheckpointError",
+    "PeftConfig",
+    "PeftCoreError",
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "TargetModulesError",
+    "TaskType",
+    "UnknownMethodError",
+    "get_peft_model",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
+    "set_peft_model_state_dict",
+]
+
+# Config classes of the reference library's methods -> their peft_type, for install hints.
+_PLUGIN_CONFIGS = {
+    "LoraConfig": "LORA",
+    "AdaLoraConfig": "ADALORA",
+    "IA3Config": "IA3",
+    "LoHaConfig": "LOHA",
+    "LoKrConfig": "LOKR",
+    "OFTConfig": "OFT",
+    "BOFTConfig": "BOFT",
+    "VeraConfig": "VERA",
+    "HRAConfig": "HRA",
+    "PromptTuningConfig": "PROMPT_TUNING",
+    "PrefixTuningConfig": "PREFIX_TUNING",
+    "PromptEncoderConfig": "P_TUNING",
+    "MultitaskPromptTuningConfig": "MULTITASK_PROMPT_TUNING",
+    "AdaptionPromptConfig": "ADAPTION_PROMPT",
+    "CPTConfig": "CPT",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Resolve plugin config classes (``LoraConfig``, ...) through the registry on first use."""
+    if name.endswith("Config") and not name.startswith("_"):
+        from peft_core.plugins import get_registry
+        from peft_core.registry import plugin_hint
+
+        found = get_registry().config_class_by_name(name)
+        if found is not None:
+            return found
+        peft_type = _PLUGIN_CONFIGS.get(name)
+        if peft_type is not None:
+            raise ImportError(
+                f"{name} is provided by the {plugin_hint(peft_type)} plugin, which is not installed (or failed to "
+                f"load: see `peft-core plugins`). Install it with `pip install {plugin_hint(peft_type)}`."
+            )
+    raise AttributeError(f"module 'peft_core' has no attribute {name!r}")

@@ -37,7 +37,9 @@ def _task_type(value: Any) -> str | None:
         return None
     value = getattr(value, "value", value)
     if value not in TaskType._value2member_map_:
-        raise ConfigError(f"Unknown task_type {value!r}; expected one of {[t.value for t in TaskType]} or None.")
+        raise ConfigError(
+            f"Unknown task_type {value!r}; expected one of {[t.value for t in TaskType]} or None."
+        )
     return str(value)
 
 
@@ -113,7 +115,7 @@ class PeftConfig:
             if data.get("peft_type") is None:
                 raise ConfigError(
                     "The adapter config has no 'peft_type' field, so its method cannot be determined. "
-                    "Add e.g. \"peft_type\": \"LORA\" to adapter_config.json, or pass a config object."
+                    'Add e.g. "peft_type": "LORA" to adapter_config.json, or pass a config object.'
                 )
             from peft_core.plugins import get_registry
 
@@ -152,7 +154,10 @@ class PeftConfig:
 
     @classmethod
     def from_pretrained(
-        cls: type[C], pretrained_model_name_or_path: str | os.PathLike[str], subfolder: str | None = None, **kwargs: Any
+        cls: type[C],
+        pretrained_model_name_or_path: str | os.PathLike[str],
+        subfolder: str | None = None,
+        **kwargs: Any,
     ) -> C:
         """Read ``adapter_config.json`` from a local directory or a Hub repository.
 

@@ -51,7 +51,11 @@ def resolve_file(
 
     try:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+        )
     except ImportError as exc:  # pragma: no cover - huggingface_hub is a core dependency
         raise ImportError(
             f"{path_or_id!r} is not a local directory; loading from the Hub needs `pip install peft-core[hub]`."
@@ -79,7 +83,11 @@ def _repo_cached(repo_id: str, hub_kwargs: dict[str, Any]) -> bool:
     try:
         from huggingface_hub import snapshot_download
 
-        snapshot_download(repo_id, local_files_only=True, **{k: v for k, v in hub_kwargs.items() if k in ("revision", "cache_dir")})
+        snapshot_download(
+            repo_id,
+            local_files_only=True,
+            **{k: v for k, v in hub_kwargs.items() if k in ("revision", "cache_dir")},
+        )
         return True
     except Exception:
         return False

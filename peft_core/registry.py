@@ -251,4 +251,3 @@ def _with_plugin(spec: MethodSpec, plugin: str, name: str) -> MethodSpec:
     from attrs import evolve
 
     return evolve(spec, plugin=plugin, peft_type=name)
-

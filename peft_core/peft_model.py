@@ -1,0 +1,445 @@
+"""``PeftModel`` and its task classes: the user-facing wrapper, with the reference library's API."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from peft_core.config import PeftConfig, TaskType
+from peft_core.errors import AdapterLoadError, ConfigError
+from peft_core.hub import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, resolve_file, split_hub_kwargs
+from peft_core.io import atomic_directory, atomic_write_text, load_weights, save_weights
+from peft_core.plugins import get_registry
+from peft_core.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
+
+__all__ = [
+    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+]
+
+
+def _base_model_name(model: nn.Module) -> str | None:
+    name = model.__dict__.get("name_or_path")
+    if name is None:
+        config = getattr(model, "config", None)
+        name = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
+    return str(name) if name else None
+
+
+class PeftModel(nn.Module):
+    """A base model with adapters of one method, managed under peft's names.
+
+    ``base_model`` is the method's adapter model, whose ``model`` is the wrapped base, so
+    parameter names (``base_model.model.<path>...``) and checkpoint keys match the reference
+    library's.
+    """
+
+    # modules added to ``modules_to_save`` by a task class (e.g. a classification head)
+    task_modules_to_save: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: PeftConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        *,
+        _loading: bool = False,
+    ) -> None:
+        super().__init__()
+        spec = get_registry().method(peft_config.peft_type or "")
+        if spec.capabilities.prompt_learning:
+            raise ConfigError(
+                f"{spec.peft_type} is a prompt-learning method; this peft-core version only drives layer-wrapping "
+                "methods, so it cannot be used here."
+            )
+        peft_config = self._with_task_modules(peft_config)
+        if peft_config.base_model_name_or_path is None:
+            peft_config = peft_config.copy(base_model_name_or_path=_base_model_name(model))
+        self.base_model = spec.model_cls(
+            model,
+            peft_config,
+            adapter_name,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            loading=_loading,
+        )
+
+    def _with_task_modules(self, config: PeftConfig) -> PeftConfig:
+        if not self.task_modules_to_save or not hasattr(config, "modules_to_save"):
+            return config
+        existing = list(config.modules_to_save or [])
+        extra = [m for m in self.task_modules_to_save if m not in existing]
+        return config.copy(modules_to_save=existing + extra) if extra else config
+
+    # ------------------------------------------------------------------ forwarding
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self.base_model.active_adapters)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.base_model.active_adapter
+
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        return self.peft_config[self.active_adapters[0]]
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:
+            spec = self.base_model.spec
+            if not spec.capabilities.mixed_batch:
+                raise TypeError(
+                    f"{spec.peft_type} does not support mixed-adapter batches (adapter_names=...); run one forward "
+                    "per adapter with set_adapter() instead."
+                )
+        return self.base_model(*args, **kwargs)
+
+    # ------------------------------------------------------------------ adapters
+    def add_adapter(
+        self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False
+    ) -> None:
+        """Add a new, inactive adapter; activate it with :meth:`set_adapter`."""
+        peft_config = self._with_task_modules(peft_config)
+        if peft_config.base_model_name_or_path is None:
+            peft_config = peft_config.copy(base_model_name_or_path=_base_model_name(self.get_base_model()))
+        self.base_model.add_adapter(adapter_name, peft_config)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Activate one adapter, or several at once (their effects add up)."""
+        self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model alone inside the block; adapters are untouched afterwards."""
+        with self.base_model.disable_adapter():
+            yield
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self.base_model.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        self.base_model.unmerge_adapter()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        return self.base_model.merge_and_unload(
+            progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+    def unload(self) -> nn.Module:
+        return self.base_model.unload()
+
+    # ------------------------------------------------------------------ parameters
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts."""
+        trainable = total = 0
+        for param in self.parameters():
+            count = param.numel()
+            if count == 0 and hasattr(param, "ds_numel"):  # DeepSpeed ZeRO-3 keeps a placeholder
+                count = param.ds_numel
+            if param.__class__.__name__ == "Params4bit":  # packed two 4-bit values per byte
+                count *= 2
+            total += count
+            if param.requires_grad:
+                trainable += count
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        share = 100 * trainable / total if total else 0.0
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike[str],
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        is_main_process: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Write each selected adapter in the reference format (non-default ones in subfolders).
+
+        The write is atomic: files appear only once everything was written.
+        """
+        save_directory = os.fspath(save_directory)
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {save_directory!r} is a file; pass a directory.")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(
+                f"Cannot save unknown adapter(s) {unknown}; available: {list(self.peft_config)}."
+            )
+        if not is_main_process:
+            return
+        weights_name = SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
+        with atomic_directory(save_directory) as staging:
+            for name in names:
+                out = staging if name == "default" else os.path.join(staging, name)
+                os.makedirs(out, exist_ok=True)
+                state_dict = get_peft_model_state_dict(self, adapter_name=name)
+                save_weights(
+                    state_dict, os.path.join(out, weights_name), safe_serialization=safe_serialization
+                )
+                self._config_to_save(name).save_pretrained(out)
+            if not os.path.exists(os.path.join(save_directory, "README.md")):
+                atomic_write_text(os.path.join(staging, "README.md"), self._model_card())
+
+    def _config_to_save(self, adapter_name: str) -> PeftConfig:
+        config = self.peft_config[adapter_name]
+        changes: dict[str, Any] = {"inference_mode": True}
+        if config.base_model_name_or_path is None:
+            changes["base_model_name_or_path"] = _base_model_name(self.get_base_model())
+        if config.task_type is None:
+            base_cls = type(self.get_base_model())
+            changes["auto_mapping"] = {
+                "base_model_class": base_cls.__name__,
+                "parent_library": base_cls.__module__,
+            }
+        return config.copy(**changes)
+
+    def _model_card(self) -> str:
+        config = self.active_peft_config
+        base = config.base_model_name_or_path or _base_model_name(self.get_base_model())
+        lines = ["---", "library_name: peft"]
+        if base:
+            lines.append(f"base_model: {base}")
+        lines += ["tags:", f"- {str(config.peft_type).lower()}", "- peft-core", "---", ""]
+        lines.append(f"# {config.peft_type} adapter")
+        lines.append("")
+        lines.append(
+            "Saved by peft-core in the Hugging Face peft format (adapter_config.json + adapter_model.safetensors); "
+            "it loads with either library."
+        )
+        return "\n".join(lines) + "\n"
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str = "Upload adapter",
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        selected_adapters: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Save the adapter(s) to a temporary directory and upload them with ``huggingface_hub``."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, selected_adapters=selected_adapters, **kwargs)
+            return api.upload_folder(
+                repo_id=repo_id, folder_path=tmp, commit_message=commit_message, revision=revision
+            )
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike[str],
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: PeftConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        **kwargs: Any,
+    ) -> PeftModel:
+        """Wrap ``model`` with the adapter stored at ``model_id`` (a directory or a Hub repo id).
+
+        If anything fails (missing plugin, corrupt file, shapes that do not fit), ``model`` is
+        returned to its original state before the error propagates.
+        """
+        subfolder = kwargs.pop("subfolder", None)
+        allow_pickle = kwargs.pop("allow_pickle", False)
+        hub_kwargs, rest = split_hub_kwargs(kwargs)
+        if rest:
+            warnings.warn(
+                f"Ignoring unknown from_pretrained arguments {sorted(rest)}.", UserWarning, stacklevel=2
+            )
+        if config is None:
+            config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, **hub_kwargs)
+        config = config.copy(inference_mode=not is_trainable)
+        # Read the weights before touching the model, so a bad file changes nothing.
+        state_dict = _read_adapter_weights(model_id, subfolder, allow_pickle, hub_kwargs)
+
+        task_cls = cls
+        if cls is PeftModel and config.task_type is not None:
+            task_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING[config.task_type]
+        peft_model = task_cls(
+            model, config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, _loading=True
+        )
+        try:
+            peft_model._load_state_dict_checked(state_dict, adapter_name)
+        except BaseException:
+            peft_model.base_model.unload()
+            raise
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike[str],
+        adapter_name: str,
+        is_trainable: bool = False,
+        torch_device: str | torch.device | None = None,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """Load another adapter from ``model_id`` under ``adapter_name`` (inactive until set_adapter)."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"An adapter named {adapter_name!r} already exists; pick another adapter_name.")
+        subfolder = kwargs.pop("subfolder", None)
+        allow_pickle = kwargs.pop("allow_pickle", False)
+        hub_kwargs, _ = split_hub_kwargs(kwargs)
+        config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, **hub_kwargs)
+        config = self._with_task_modules(config.copy(inference_mode=not is_trainable))
+        state_dict = _read_adapter_weights(model_id, subfolder, allow_pickle, hub_kwargs)
+        self.base_model.add_adapter(adapter_name, config, loading=True)
+        try:
+            result = self._load_state_dict_checked(state_dict, adapter_name)
+        except BaseException:
+            self.base_model._remove_adapter_everywhere(adapter_name)
+            self.base_model.peft_config.pop(adapter_name, None)
+            raise
+        if torch_device is not None:
+            self.to(torch_device)
+        if not is_trainable:
+            self.eval()
+        return result
+
+    def _load_state_dict_checked(self, state_dict: dict[str, torch.Tensor], adapter_name: str) -> Any:
+        config = self.peft_config[adapter_name]
+        for _name, converter in get_registry().state_dict_converters():
+            converted = converter(state_dict, config)
+            if converted is not None:
+                state_dict = converted
+                break
+        result = set_peft_model_state_dict(self, state_dict, adapter_name=adapter_name)
+        if result.unexpected_keys and not any(k for k in state_dict if k not in result.unexpected_keys):
+            raise AdapterLoadError(
+                f"None of the {len(state_dict)} checkpoint tensors matches the model (e.g. "
+                f"{result.unexpected_keys[:3]}); the adapter was saved from a different base model or method."
+            )
+        missing = [k for k in result.missing_keys if f".{adapter_name}" in k]
+        if missing:
+            warnings.warn(
+                f"Adapter {adapter_name!r}: the checkpoint lacks {len(missing)} tensor(s) the model expects, e.g. "
+                f"{missing[:3]}; those keep their initial values.",
+                UserWarning,
+                stacklevel=3,
+            )
+        if result.unexpected_keys:
+            warnings.warn(
+                f"Adapter {adapter_name!r}: {len(result.unexpected_keys)} checkpoint tensor(s) match no model "
+                f"parameter and were ignored, e.g. {result.unexpected_keys[:3]}.",
+                UserWarning,
+                stacklevel=3,
+            )
+        return result
+
+
+def _read_adapter_weights(
+    model_id: str | os.PathLike[str], subfolder: str | None, allow_pickle: bool, hub_kwargs: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    path = resolve_file(
+        model_id, SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder, missing_ok=True, **hub_kwargs
+    )
+    if path is None:
+        path = resolve_file(model_id, WEIGHTS_NAME, subfolder=subfolder, missing_ok=True, **hub_kwargs)
+    if path is None:
+        where = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
+        raise FileNotFoundError(
+            f"No {SAFETENSORS_WEIGHTS_NAME} (or {WEIGHTS_NAME}) found in {where!r} next to {CONFIG_NAME}."
+        )
+    return load_weights(path, allow_pickle=allow_pickle)
+
+
+class PeftModelForCausalLM(PeftModel):
+    """For decoder-only language models; ``generate`` runs the adapted model."""
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.get_base_model().generate(*args, **kwargs)
+
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
+        return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """For encoder-decoder language models; ``generate`` runs the adapted model."""
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.get_base_model().generate(*args, **kwargs)
+
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
+        return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    """The classification head (``classifier``/``score``) is fully trained and saved with the adapter."""
+
+    task_modules_to_save = ("classifier", "score")
+
+
+class PeftModelForTokenClassification(PeftModel):
+    task_modules_to_save = ("classifier", "score")
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    task_modules_to_save = ("qa_outputs",)
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """For encoders used as feature extractors."""
+
+
+MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[str, type[PeftModel]] = {
+    TaskType.SEQ_CLS.value: PeftModelForSequenceClassification,
+    TaskType.SEQ_2_SEQ_LM.value: PeftModelForSeq2SeqLM,
+    TaskType.CAUSAL_LM.value: PeftModelForCausalLM,
+    TaskType.TOKEN_CLS.value: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS.value: PeftModelForQuestionAnswering,
+    TaskType.FEATURE_EXTRACTION.value: PeftModelForFeatureExtraction,
+}

@@ -1,0 +1,163 @@
+"""Adapter state dicts: model keys <-> checkpoint keys, built structurally from the layers.
+
+Checkpoint keys are model keys without the adapter name (``q.lora_A.default.weight`` ->
+``q.lora_A.weight``) and with each ``modules_to_save`` copy stored under the wrapped module's own
+name (``classifier.modules_to_save.default.weight`` -> ``classifier.weight``), exactly as the
+reference library writes them. Both directions come from one enumeration of the model's adapter
+tensors, so saving and loading cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from peft_core.errors import CheckpointShapeError
+from peft_core.layer import AdapterLayer
+from peft_core.modules_to_save import ModulesToSaveWrapper
+
+__all__ = ["LoadResult", "get_peft_model_state_dict", "set_peft_model_state_dict"]
+
+PEFT_PREFIX = "base_model.model."
+
+
+class LoadResult(NamedTuple):
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def _configs(model: nn.Module) -> dict[str, Any]:
+    configs = getattr(model, "peft_config", None)
+    if configs is None:
+        base = getattr(model, "base_model", None)
+        configs = getattr(base, "peft_config", None)
+    return configs or {}
+
+
+def _adapter_entries(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """``(model_key, checkpoint_key, tensor)`` for every tensor that belongs to ``adapter_name``."""
+    for path, module in model.named_modules():
+        prefix = f"{path}." if path else ""
+        if isinstance(module, AdapterLayer):
+            for model_suffix, ckpt_suffix, tensor in module.adapter_state_items(adapter_name):
+                yield prefix + model_suffix, prefix + ckpt_suffix, tensor
+        elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            copy = module.modules_to_save[adapter_name]
+            for rest, tensor in copy.state_dict(keep_vars=True).items():
+                yield f"{prefix}modules_to_save.{adapter_name}.{rest}", prefix + rest, tensor
+
+
+def _bias_entries(model: nn.Module, config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """Base-layer biases that the config's ``bias`` option trains (and so saves)."""
+    bias = getattr(config, "bias", "none")
+    if bias in (None, "none"):
+        return
+    inside_adapters = {
+        id(sub)
+        for layer in model.modules()
+        if isinstance(layer, AdapterLayer)
+        for attr in layer.adapter_layer_names
+        if isinstance(getattr(layer, attr, None), nn.Module)
+        for sub in getattr(layer, attr).modules()
+    }
+    for path, module in model.named_modules():
+        prefix = f"{path}." if path else ""
+        if bias == "all":
+            if id(module) in inside_adapters or "modules_to_save" in path.split("."):
+                continue
+            tensor = module._parameters.get("bias")
+            if isinstance(tensor, torch.Tensor):
+                yield f"{prefix}bias", tensor
+        elif isinstance(module, AdapterLayer):
+            base = module.get_base_layer()
+            tensor = getattr(base, "bias", None)
+            if isinstance(tensor, torch.Tensor):
+                inner = _inner_path(module)
+                yield f"{prefix}{inner}bias", tensor
+
+
+def _inner_path(layer: AdapterLayer) -> str:
+    path = ""
+    module: nn.Module = layer
+    while hasattr(module, "base_layer"):
+        path += "base_layer."
+        module = module.base_layer
+    return path
+
+
+def get_peft_model_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None, adapter_name: str = "default"
+) -> dict[str, torch.Tensor]:
+    """The tensors of ``adapter_name`` under checkpoint keys (adapter name removed).
+
+    ``model`` is a :class:`~peft_core.PeftModel` (keys start with ``base_model.model.``) or a
+    model with adapters injected by :func:`~peft_core.inject_adapter_in_model` (no prefix). When
+    ``state_dict`` is given (e.g. a gathered FSDP state dict), values are taken from it by model key.
+    """
+    config = _configs(model).get(adapter_name)
+    result: dict[str, torch.Tensor] = {}
+    for model_key, ckpt_key, tensor in _adapter_entries(model, adapter_name):
+        result[ckpt_key] = (
+            state_dict[model_key] if state_dict is not None and model_key in state_dict else tensor
+        )
+    if config is not None:
+        for key, tensor in _bias_entries(model, config):
+            result[key] = state_dict[key] if state_dict is not None and key in state_dict else tensor
+    return {k: v.detach() for k, v in result.items()}
+
+
+def _checkpoint_to_model_keys(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, torch.Tensor]]:
+    mapping: dict[str, tuple[str, torch.Tensor]] = {}
+    config = _configs(model).get(adapter_name)
+    entries = [(m, c, t) for m, c, t in _adapter_entries(model, adapter_name)]
+    if config is not None:
+        entries += [(k, k, t) for k, t in _bias_entries(model, config)]
+    for model_key, ckpt_key, tensor in entries:
+        mapping[ckpt_key] = (model_key, tensor)
+        # A checkpoint always carries the PeftModel prefix; a bare injected model does not.
+        if not ckpt_key.startswith(PEFT_PREFIX):
+            mapping.setdefault(PEFT_PREFIX + ckpt_key, (model_key, tensor))
+    return mapping
+
+
+def set_peft_model_state_dict(
+    model: nn.Module,
+    peft_model_state_dict: dict[str, torch.Tensor],
+    adapter_name: str = "default",
+    ignore_mismatched_sizes: bool = False,
+) -> LoadResult:
+    """Copy checkpoint tensors into ``adapter_name``'s parameters.
+
+    Every shape is checked before anything is written, so a mismatch raises
+    :class:`~peft_core.errors.CheckpointShapeError` (naming the key and both shapes) and leaves
+    the model as it was. With ``ignore_mismatched_sizes`` mismatched keys are skipped instead.
+    """
+    mapping = _checkpoint_to_model_keys(model, adapter_name)
+    plan: list[tuple[torch.Tensor, torch.Tensor]] = []
+    unexpected: list[str] = []
+    loaded_model_keys: set[str] = set()
+    for key, value in peft_model_state_dict.items():
+        target = mapping.get(key)
+        if target is None:
+            unexpected.append(key)
+            continue
+        model_key, tensor = target
+        if tuple(tensor.shape) != tuple(value.shape):
+            if ignore_mismatched_sizes:
+                unexpected.append(key)
+                continue
+            raise CheckpointShapeError(
+                f"Checkpoint tensor {key!r} has shape {tuple(value.shape)}, but the model parameter {model_key!r} "
+                f"has shape {tuple(tensor.shape)}. The adapter was trained with different settings (rank, "
+                "target modules or base model) than the config describes; check adapter_config.json."
+            )
+        plan.append((tensor, value))
+        loaded_model_keys.add(model_key)
+    with torch.no_grad():
+        for tensor, value in plan:
+            tensor.copy_(value.to(device=tensor.device, dtype=tensor.dtype))
+    missing = sorted({model_key for model_key, _ in mapping.values()} - loaded_model_keys)
+    return LoadResult(missing_keys=missing, unexpected_keys=unexpected)

@@ -1,0 +1,450 @@
+"""The method-agnostic adapter model: injects a method's layers and manages its adapters.
+
+One class serves every layer-wrapping method; a plugin subclasses it only for behaviour its
+method really needs (see the ``_`` override points). The registry supplies the layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from peft_core.config import PeftConfig
+from peft_core.errors import ConfigError, TargetModulesError
+from peft_core.layer import AdapterLayer
+from peft_core.modules_to_save import ModulesToSaveWrapper
+from peft_core.plugins import get_registry
+from peft_core.registry import LayerContext, MethodSpec
+from peft_core.targeting import ALL_LINEAR, expand_all_linear, match_target, unmatched_entries
+
+__all__ = ["AdapterModel", "model_config_dict"]
+
+
+def model_config_dict(model: nn.Module) -> dict[str, Any]:
+    """The base model's config as a plain dict (``{}`` for models without one)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return {}
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    return dict(config) if isinstance(config, dict) else {}
+
+
+def _get_submodule(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, str]:
+    parent_key, _, name = key.rpartition(".")
+    parent = model.get_submodule(parent_key) if parent_key else model
+    return parent, getattr(parent, name), name
+
+
+class AdapterModel(nn.Module):
+    """Holds ``model`` (the base, with adapter layers injected) and the per-adapter configs."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: PeftConfig,
+        adapter_name: str = "default",
+        *,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        loading: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, PeftConfig] = {}
+        self.spec: MethodSpec = get_registry().method(config.peft_type or "")
+        self.active_adapters: list[str] = [adapter_name]
+        self.autocast_adapter_dtype = autocast_adapter_dtype
+        self.low_cpu_mem_usage = low_cpu_mem_usage
+        self.inject_adapter(adapter_name, config, loading=loading)
+
+    # ------------------------------------------------------------------ attribute forwarding
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    @property
+    def prefix(self) -> str:
+        return self.spec.prefix
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
+
+    # ------------------------------------------------------------------ override points
+    def _prepare_adapter_config(self, config: PeftConfig, model_config: dict[str, Any]) -> PeftConfig:
+        """Fill in ``target_modules`` from the method's defaults for the model type."""
+        if hasattr(config, "target_modules") and config.target_modules is None:
+            model_type = model_config.get("model_type")
+            defaults = self.spec.default_target_modules.get(model_type or "")
+            if not defaults:
+                raise ConfigError(
+                    f"target_modules is not set and {self.spec.peft_type} has no default targets for model_type "
+                    f"{model_type!r}. Pass target_modules (a list of module names, a regex, or 'all-linear')."
+                )
+            config = config.copy(target_modules=list(defaults))
+        return config
+
+    def _validate_new_adapter(self, config: PeftConfig) -> None:
+        """Refuse a config that cannot coexist with the adapters already present."""
+
+    def _config_for_loading(self, config: PeftConfig) -> PeftConfig:
+        """The config used to build layers that a checkpoint will overwrite."""
+        return config
+
+    def _mark_only_adapters_as_trainable(self) -> None:
+        for name, param in self.model.named_parameters():
+            # modules_to_save copies are handled by their wrapper's set_adapter.
+            if self.prefix not in name and "modules_to_save." not in name:
+                param.requires_grad_(False)
+        for adapter in self.active_adapters:
+            config = self.peft_config.get(adapter)
+            bias = getattr(config, "bias", "none") if config is not None else "none"
+            if bias == "none":
+                continue
+            if bias == "all":
+                for name, param in self.model.named_parameters():
+                    if name.endswith(".bias") or name == "bias":
+                        param.requires_grad_(True)
+            elif bias == f"{self.prefix}only":
+                for module in self.adapter_layers():
+                    base_bias = getattr(module.get_base_layer(), "bias", None)
+                    if isinstance(base_bias, nn.Parameter):
+                        base_bias.requires_grad_(True)
+            else:
+                raise ConfigError(f"bias={bias!r} is not one of 'none', 'all', '{self.prefix}only'.")
+
+    # ------------------------------------------------------------------ injection
+    def adapter_layers(self) -> Iterator[AdapterLayer]:
+        for module in self.model.modules():
+            if isinstance(module, AdapterLayer):
+                yield module
+
+    def named_adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, AdapterLayer):
+                yield name, module
+
+    def _create_layer(
+        self, target: nn.Module, adapter_name: str, config: PeftConfig, context: LayerContext
+    ) -> AdapterLayer:
+        for factory in get_registry().layer_factories(self.spec.peft_type):
+            layer = factory(target, adapter_name, config, context)
+            if layer is not None:
+                return layer
+        origins = ", ".join(p for p, _ in get_registry().layer_factory_origins(self.spec.peft_type)) or "none"
+        raise TargetModulesError(
+            f"Target module {context.key!r} is a {type(target).__module__}.{type(target).__name__}, which "
+            f"{self.spec.peft_type} cannot wrap (layer factories from: {origins}). Remove it from target_modules, "
+            "or install a plugin that registers a layer factory for this module type."
+        )
+
+    def _target_keys(self, config: PeftConfig) -> list[str]:
+        targets = getattr(config, "target_modules", None)
+        keys = []
+        for key, module in self.model.named_modules():
+            if not key or isinstance(module, ModulesToSaveWrapper):
+                continue
+            if any(part in {"modules_to_save", "original_module", "base_layer"} for part in key.split(".")):
+                continue
+            if self.prefix and any(part.startswith(self.prefix) for part in key.split(".")):
+                continue
+            if match_target(config, key):
+                keys.append(key)
+        if not keys:
+            kinds = sorted(
+                {k.split(".")[-1] for k, m in self.model.named_modules() if isinstance(m, nn.Linear)}
+            )
+            raise TargetModulesError(
+                f"target_modules={targets!r} matched no module of the model"
+                + (" (after exclude_modules/layers_to_transform)" if _has_filters(config) else "")
+                + f". Linear layers in this model are named: {kinds[:20]}."
+            )
+        if isinstance(targets, (list, tuple, set, frozenset)):
+            names = [k for k, _ in self.model.named_modules()]
+            missing = unmatched_entries(sorted(targets), names)
+            if missing:
+                warnings.warn(
+                    f"target_modules entries {missing} matched no module of the model and were ignored.",
+                    UserWarning,
+                    stacklevel=4,
+                )
+        return keys
+
+    def inject_adapter(self, adapter_name: str, config: PeftConfig, *, loading: bool = False) -> None:
+        """Add ``adapter_name``: wrap (or extend) every targeted module, and set up modules_to_save."""
+        if adapter_name in self.peft_config:
+            raise ValueError(
+                f"An adapter named {adapter_name!r} already exists; delete it or pick another name."
+            )
+        spec = get_registry().method(config.peft_type or "")
+        if spec.peft_type != self.spec.peft_type:
+            raise ConfigError(
+                f"Cannot add a {spec.peft_type} adapter to a model holding {self.spec.peft_type} adapters; use "
+                "get_peft_model(..., mixed=True) to combine methods."
+            )
+        model_config = model_config_dict(self.model)
+        config = self._prepare_adapter_config(config, model_config)
+        if getattr(config, "target_modules", None) == ALL_LINEAR:
+            config = config.copy(target_modules=expand_all_linear(self.model))
+        self._validate_new_adapter(config)
+        build_config = self._config_for_loading(config) if loading else config
+
+        self.peft_config[adapter_name] = config
+        try:
+            for key in self._target_keys(config):
+                parent, target, name = _get_submodule(self.model, key)
+                context = LayerContext(key=key, model_config=model_config)
+                if isinstance(target, AdapterLayer) and _is_layer_of(target, self.spec):
+                    target.update_layer(adapter_name, build_config, key=key)
+                    target.set_adapter(self._layer_active(target))
+                else:
+                    layer = self._create_layer(target, adapter_name, build_config, context)
+                    layer.set_adapter([n for n in self.active_adapters if n in layer.adapter_names] or [])
+                    setattr(parent, name, layer)
+            self._add_modules_to_save(adapter_name, config)
+        except BaseException:
+            self._remove_adapter_everywhere(adapter_name)
+            del self.peft_config[adapter_name]
+            raise
+
+        if self.autocast_adapter_dtype:
+            self._upcast_adapter(adapter_name)
+        self.set_adapter(self.active_adapters)
+        self._mark_only_adapters_as_trainable()
+        if config.inference_mode:
+            for name, param in self.model.named_parameters():
+                if f".{adapter_name}." in f".{name}." and (self.prefix in name or "modules_to_save" in name):
+                    param.requires_grad_(False)
+
+    def _layer_active(self, layer: AdapterLayer) -> list[str]:
+        return [n for n in self.active_adapters if n in layer.adapter_names]
+
+    def _add_modules_to_save(self, adapter_name: str, config: PeftConfig) -> None:
+        names = getattr(config, "modules_to_save", None)
+        if not names:
+            return
+        found = False
+        for key, module in list(self.model.named_modules()):
+            if not key or any(p in {"modules_to_save", "original_module"} for p in key.split(".")):
+                continue
+            if not any(key == m or key.endswith("." + m) for m in names):
+                continue
+            found = True
+            parent, target, name = _get_submodule(self.model, key)
+            if isinstance(target, ModulesToSaveWrapper):
+                target.update(adapter_name)
+            else:
+                setattr(parent, name, ModulesToSaveWrapper(target, adapter_name))
+        if not found:
+            raise TargetModulesError(
+                f"modules_to_save={names!r} matched no module of the model; check the module names."
+            )
+
+    def _upcast_adapter(self, adapter_name: str) -> None:
+        """Keep half-precision adapters in float32, as training them in fp16/bf16 is unstable."""
+        for layer in self.adapter_layers():
+            for attr in layer.adapter_layer_names:
+                container = getattr(layer, attr, None)
+                if container is None or adapter_name not in container:
+                    continue
+                for param in (
+                    [container[adapter_name]]
+                    if isinstance(container[adapter_name], torch.Tensor)
+                    else container[adapter_name].parameters()
+                ):
+                    if param.dtype in (torch.float16, torch.bfloat16):
+                        param.data = param.data.float()
+
+    def _remove_adapter_everywhere(self, adapter_name: str) -> None:
+        """Delete every trace of ``adapter_name`` and unwrap modules left holding no adapter."""
+        for key, module in list(self.model.named_modules()):
+            if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+                if isinstance(module, AdapterLayer) and adapter_name in module.merged_adapters:
+                    continue
+                module.delete_adapter(adapter_name)
+        for key, module in list(self.model.named_modules()):
+            if isinstance(module, AdapterLayer) and not module.adapter_names:
+                parent, _, name = _get_submodule(self.model, key)
+                setattr(parent, name, module.base_layer)
+            elif isinstance(module, ModulesToSaveWrapper) and not module.adapter_names:
+                parent, _, name = _get_submodule(self.model, key)
+                setattr(parent, name, module.original_module)
+
+    # ------------------------------------------------------------------ adapter management
+    def add_adapter(self, adapter_name: str, config: PeftConfig, *, loading: bool = False) -> None:
+        self.inject_adapter(adapter_name, config, loading=loading)
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Unknown adapter(s) {unknown}; available: {list(self.peft_config)}.")
+        for module in self.model.modules():
+            if isinstance(module, AdapterLayer):
+                if module.merged:
+                    warnings.warn(
+                        "Adapters are merged; unmerging before switching adapters.", UserWarning, stacklevel=2
+                    )
+                    module.unmerge()
+                module.set_adapter([n for n in names if n in module.adapter_names])
+            elif isinstance(module, ModulesToSaveWrapper):
+                module.set_adapter(names)
+        self.active_adapters = names
+        for name, param in self.model.named_parameters():
+            # set_adapter turns requires_grad on for active adapters; inference-mode adapters stay frozen.
+            for adapter in names:
+                if self.peft_config[adapter].inference_mode and f".{adapter}." in f".{name}.":
+                    param.requires_grad_(False)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} does not exist; available: {list(self.peft_config)}.")
+        for layer in self.adapter_layers():
+            if adapter_name in layer.merged_adapters:
+                raise ValueError(
+                    f"Adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it."
+                )
+        del self.peft_config[adapter_name]
+        for module in self.model.modules():
+            if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+                module.delete_adapter(adapter_name)
+        remaining = [n for n in self.active_adapters if n != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]
+        self.active_adapters = remaining
+        if remaining:
+            self.set_adapter(remaining)
+
+    def _set_adapter_layers(self, enabled: bool) -> None:
+        for module in self.model.modules():
+            if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+                module.enable_adapters(enabled)
+
+    def enable_adapter_layers(self) -> None:
+        self._set_adapter_layers(True)
+
+    def disable_adapter_layers(self) -> None:
+        for layer in self.adapter_layers():
+            if layer.merged:
+                warnings.warn(
+                    "Disabling adapters while they are merged has no effect on the merged weights; unmerge first.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                break
+        self._set_adapter_layers(False)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        states = {
+            m: m.disable_adapters
+            for m in self.model.modules()
+            if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))
+        }
+        self.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            for module, was_disabled in states.items():
+                module.enable_adapters(not was_disabled)
+
+    # ------------------------------------------------------------------ merging
+    def _check_mergeable(self) -> None:
+        if not self.spec.capabilities.mergeable:
+            raise TypeError(f"{self.spec.peft_type} adapters cannot be merged into the base weights.")
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self._check_mergeable()
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Unknown adapter(s) {unknown}; available: {list(self.peft_config)}.")
+        for layer in self.adapter_layers():
+            layer.merge(safe_merge=safe_merge, adapter_names=[n for n in names if n in layer.adapter_names])
+
+    def unmerge_adapter(self) -> None:
+        for layer in self.adapter_layers():
+            if layer.merged:
+                layer.unmerge()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Merge the adapters into the base weights and return the plain base model."""
+        self._check_mergeable()
+        return self._unload(
+            merge=True, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter layer (unmerging first) and return the untouched base model."""
+        return self._unload(merge=False)
+
+    def _unload(
+        self,
+        *,
+        merge: bool,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        if merge:
+            # Merge everything first so a safe_merge failure leaves the model untouched and wrapped.
+            merged_now: list[AdapterLayer] = []
+            try:
+                for layer in self.adapter_layers():
+                    todo = [n for n in names if n in layer.adapter_names and n not in layer.merged_adapters]
+                    before = len(layer.merged_adapters)
+                    layer.merge(safe_merge=safe_merge, adapter_names=todo)
+                    if len(layer.merged_adapters) > before:
+                        merged_now.append(layer)
+            except Exception:
+                for layer in merged_now:
+                    for _ in range(len(layer.merged_adapters)):
+                        layer.unmerge_one(layer.merged_adapters.pop())
+                raise
+        keys = [
+            k for k, m in self.model.named_modules() if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))
+        ]
+        iterator: Any = keys
+        if progressbar:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(keys, desc="Unloading " + ("and merging " if merge else "") + "model")
+        for key in iterator:
+            try:
+                parent, module, name = _get_submodule(self.model, key)
+            except AttributeError:  # already replaced together with an enclosing wrapper
+                continue
+            if isinstance(module, AdapterLayer):
+                if not merge and module.merged:
+                    module.unmerge()
+                setattr(parent, name, module.get_base_layer())
+            elif isinstance(module, ModulesToSaveWrapper):
+                setattr(parent, name, module.active_module if merge else module.original_module)
+        return self.model
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+
+def _is_layer_of(layer: AdapterLayer, spec: MethodSpec) -> bool:
+    return bool(spec.prefix) and any(attr.startswith(spec.prefix) for attr in layer.adapter_layer_names)
+
+
+def _has_filters(config: PeftConfig) -> bool:
+    return bool(
+        getattr(config, "exclude_modules", None) or getattr(config, "layers_to_transform", None) is not None
+    )
