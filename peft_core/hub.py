@@ -53,6 +53,7 @@ def resolve_file(
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import (
             EntryNotFoundError,
+            HFValidationError,
             LocalEntryNotFoundError,
             RepositoryNotFoundError,
         )
@@ -72,6 +73,10 @@ def resolve_file(
         raise FileNotFoundError(
             f"{path_or_id!r} is neither a local directory nor a Hub repository available here "
             f"(offline or not in the cache): {exc}"
+        ) from None
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"{path_or_id!r} is neither an existing local directory nor a valid Hub repository id."
         ) from None
     except RepositoryNotFoundError:
         raise FileNotFoundError(

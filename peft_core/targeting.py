@@ -74,6 +74,8 @@ def match_target(config: Any, key: str) -> bool:
         return False
     if isinstance(targets, str):
         return re.fullmatch(targets, key) is not None
+    if key in targets:  # an exact name is taken as meant, whatever layers_to_transform says
+        return True
     return _matches_list(targets, key) and _layer_index_ok(config, key)
 
 

@@ -234,7 +234,7 @@ class AdapterModel(nn.Module):
         if not names:
             return
         found = False
-        for key, module in list(self.model.named_modules()):
+        for key, _module in list(self.model.named_modules()):
             if not key or any(p in {"modules_to_save", "original_module"} for p in key.split(".")):
                 continue
             if not any(key == m or key.endswith("." + m) for m in names):
@@ -267,7 +267,7 @@ class AdapterModel(nn.Module):
 
     def _remove_adapter_everywhere(self, adapter_name: str) -> None:
         """Delete every trace of ``adapter_name`` and unwrap modules left holding no adapter."""
-        for key, module in list(self.model.named_modules()):
+        for module in list(self.model.modules()):
             if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
                 if isinstance(module, AdapterLayer) and adapter_name in module.merged_adapters:
                     continue
