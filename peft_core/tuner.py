@@ -364,13 +364,33 @@ class AdapterModel(nn.Module):
             raise TypeError(f"{self.spec.peft_type} adapters cannot be merged into the base weights.")
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Merge adapters into the base weights.
+
+        With ``safe_merge`` every merged weight is checked for NaN/inf, and the targeted base
+        weights are kept as copies until all layers are done, so a failure restores them bit for bit.
+        """
         self._check_mergeable()
         names = self.active_adapters if adapter_names is None else list(adapter_names)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"Unknown adapter(s) {unknown}; available: {list(self.peft_config)}.")
-        for layer in self.adapter_layers():
-            layer.merge(safe_merge=safe_merge, adapter_names=[n for n in names if n in layer.adapter_names])
+        snapshots: list[tuple[AdapterLayer, list[str], dict[str, torch.Tensor]]] = []
+        try:
+            for layer in self.adapter_layers():
+                todo = [n for n in names if n in layer.adapter_names]
+                if safe_merge:
+                    base = layer.get_base_layer()
+                    saved = {k: p.detach().clone() for k, p in base.named_parameters(recurse=False)}
+                    snapshots.append((layer, list(layer.merged_adapters), saved))
+                layer.merge(safe_merge=safe_merge, adapter_names=todo)
+        except Exception:
+            with torch.no_grad():
+                for layer, merged, saved in snapshots:
+                    base = layer.get_base_layer()
+                    for k, value in saved.items():
+                        getattr(base, k).data.copy_(value)
+                    layer.merged_adapters[:] = merged
+            raise
 
     def unmerge_adapter(self) -> None:
         for layer in self.adapter_layers():
@@ -400,20 +420,8 @@ class AdapterModel(nn.Module):
     ) -> nn.Module:
         names = self.active_adapters if adapter_names is None else list(adapter_names)
         if merge:
-            # Merge everything first so a safe_merge failure leaves the model untouched and wrapped.
-            merged_now: list[AdapterLayer] = []
-            try:
-                for layer in self.adapter_layers():
-                    todo = [n for n in names if n in layer.adapter_names and n not in layer.merged_adapters]
-                    before = len(layer.merged_adapters)
-                    layer.merge(safe_merge=safe_merge, adapter_names=todo)
-                    if len(layer.merged_adapters) > before:
-                        merged_now.append(layer)
-            except Exception:
-                for layer in merged_now:
-                    for _ in range(len(layer.merged_adapters)):
-                        layer.unmerge_one(layer.merged_adapters.pop())
-                raise
+            # Merge everything before unwrapping anything, so a failed safe merge leaves the model as it was.
+            self.merge_adapter(adapter_names=names, safe_merge=safe_merge)
         keys = [
             k for k, m in self.model.named_modules() if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))
         ]

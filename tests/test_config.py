@@ -38,7 +38,14 @@ def test_json_round_trip_is_sorted_and_complete(tmp_path):
     data = json.loads(text)
     assert list(data) == sorted(data)
     assert data["target_modules"] == ["q", "v"]
-    assert {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping"} <= set(data)
+    assert {
+        "peft_type",
+        "task_type",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "auto_mapping",
+    } <= set(data)
     again = DemoConfig.from_json_file(tmp_path / CONFIG_NAME)
     assert again.to_dict() == config.to_dict()
 
@@ -87,7 +94,9 @@ def test_from_pretrained_resolves_the_registered_class(tmp_path):
 
     registry = get_registry()
     if not registry.has_method("DEMO_CFG"):
-        registry.register_method(MethodSpec(peft_type="DEMO_CFG", config_cls=DemoConfig, model_cls=AdapterModel, prefix="demo_"))
+        registry.register_method(
+            MethodSpec(peft_type="DEMO_CFG", config_cls=DemoConfig, model_cls=AdapterModel, prefix="demo_")
+        )
     DemoConfig(r=3).save_pretrained(tmp_path)
     loaded = PeftConfig.from_pretrained(tmp_path, inference_mode=True)
     assert type(loaded) is DemoConfig and loaded.r == 3 and loaded.inference_mode

@@ -10,7 +10,7 @@ from attrs import define
 
 from peft_core import plugins
 from peft_core.config import PeftConfig
-from peft_core.errors import PluginConflictError, PluginLoadError, UnknownMethodError
+from peft_core.errors import PluginLoadError, UnknownMethodError
 from peft_core.hookspecs import hookimpl
 from peft_core.registry import MethodSpec
 from peft_core.tuner import AdapterModel
@@ -28,7 +28,9 @@ def method_module(name: str, peft_type: str = "FAKE", calls: list | None = None)
     def peft_register_methods(registry):
         if calls is not None:
             calls.append(name)
-        registry.register_method(MethodSpec(peft_type=peft_type, config_cls=FakeConfig, model_cls=AdapterModel, prefix="fake_"))
+        registry.register_method(
+            MethodSpec(peft_type=peft_type, config_cls=FakeConfig, model_cls=AdapterModel, prefix="fake_")
+        )
 
     module.peft_register_methods = peft_register_methods
     return module
@@ -54,8 +56,15 @@ def broken():
 @pytest.fixture
 def entry_points(monkeypatch):
     eps: list[FakeEntryPoint] = []
-    monkeypatch.setattr(plugins.metadata, "entry_points", lambda group: list(eps) if group == "peft_core" else [])
-    for knob in ("PEFT_CORE_DISABLE_PLUGINS", "PEFT_CORE_PLUGINS", "PEFT_CORE_DISABLE_PLUGIN_AUTOLOAD", "PEFT_CORE_STRICT"):
+    monkeypatch.setattr(
+        plugins.metadata, "entry_points", lambda group: list(eps) if group == "peft_core" else []
+    )
+    for knob in (
+        "PEFT_CORE_DISABLE_PLUGINS",
+        "PEFT_CORE_PLUGINS",
+        "PEFT_CORE_DISABLE_PLUGIN_AUTOLOAD",
+        "PEFT_CORE_STRICT",
+    ):
         monkeypatch.delenv(knob, raising=False)
     return eps
 
@@ -71,7 +80,9 @@ def test_broken_plugin_is_skipped_with_a_warning_naming_it(entry_points):
         FakeEntryPoint("bad", broken, FakeDist("peft-bad", "0.3")),
         FakeEntryPoint("good", lambda: method_module("good"), FakeDist("peft-good")),
     ]
-    with pytest.warns(RuntimeWarning, match=r"'bad' \(peft-bad 0.3\) was skipped: ImportError: No module named"):
+    with pytest.warns(
+        RuntimeWarning, match=r"'bad' \(peft-bad 0.3\) was skipped: ImportError: No module named"
+    ):
         pm = manager()
     assert pm.registry.method("FAKE").plugin == "peft-good"
     assert [p.name for p in pm.failed] == ["bad"]
@@ -86,7 +97,11 @@ def test_strict_mode_turns_a_failure_into_an_error(entry_points):
 def test_incompatible_core_range_is_refused_before_import(entry_points):
     loaded = []
     entry_points.append(
-        FakeEntryPoint("old", lambda: loaded.append(1) or method_module("old"), FakeDist("peft-old", requires=["peft-core<0.1"]))
+        FakeEntryPoint(
+            "old",
+            lambda: loaded.append(1) or method_module("old"),
+            FakeDist("peft-old", requires=["peft-core<0.1"]),
+        )
     )
     with pytest.warns(RuntimeWarning, match=r"requires peft-core<0.1"):
         pm = manager()
@@ -143,7 +158,10 @@ def test_a_plugin_whose_hook_raises_is_isolated(entry_points):
         raise RuntimeError("boom")
 
     module.peft_register_methods = peft_register_methods
-    entry_points += [FakeEntryPoint("x", lambda: module, FakeDist("peft-x")), FakeEntryPoint("y", lambda: method_module("y"), FakeDist("peft-y"))]
+    entry_points += [
+        FakeEntryPoint("x", lambda: module, FakeDist("peft-x")),
+        FakeEntryPoint("y", lambda: method_module("y"), FakeDist("peft-y")),
+    ]
     with pytest.warns(RuntimeWarning, match="boom"):
         pm = manager()
     assert pm.registry.has_method("FAKE")

@@ -14,7 +14,11 @@ from peft_core.targeting import expand_all_linear, is_excluded, match_target, pa
 
 def cfg(**kw):
     base = dict(
-        target_modules=None, exclude_modules=None, layers_to_transform=None, layers_pattern=None, modules_to_save=None
+        target_modules=None,
+        exclude_modules=None,
+        layers_to_transform=None,
+        layers_pattern=None,
+        modules_to_save=None,
     )
     base.update(kw)
     return types.SimpleNamespace(**base)
@@ -76,7 +80,9 @@ def test_all_linear_skips_the_output_layer():
     class LM(nn.Module):
         def __init__(self):
             super().__init__()
-            self.block = nn.ModuleDict({"q": nn.Linear(2, 2), "up": nn.Linear(2, 2), "emb": nn.Embedding(3, 2)})
+            self.block = nn.ModuleDict(
+                {"q": nn.Linear(2, 2), "up": nn.Linear(2, 2), "emb": nn.Embedding(3, 2)}
+            )
             self.lm_head = nn.Linear(2, 3)
 
         def get_output_embeddings(self):
@@ -86,16 +92,22 @@ def test_all_linear_skips_the_output_layer():
 
 
 # ----------------------------------------------------------------------------- oracle
-peft_utils = pytest.importorskip("peft.tuners.tuners_utils", reason="the reference library is the oracle here")
+peft_utils = pytest.importorskip(
+    "peft.tuners.tuners_utils", reason="the reference library is the oracle here"
+)
 
-segment = st.sampled_from(["model", "layers", "h", "0", "1", "2", "attn", "q", "k", "q_proj", "mlp", "up", "v"])
+segment = st.sampled_from(
+    ["model", "layers", "h", "0", "1", "2", "attn", "q", "k", "q_proj", "mlp", "up", "v"]
+)
 names = st.lists(segment, min_size=1, max_size=5).map(".".join)
 
 
 @given(
     key=names,
-    targets=st.one_of(st.lists(st.lists(segment, min_size=1, max_size=2).map(".".join), min_size=1, max_size=3),
-                      st.sampled_from([r".*q", r"model\..*", r".*\.(q|k)", r"layers\.\d\..*"])),
+    targets=st.one_of(
+        st.lists(st.lists(segment, min_size=1, max_size=2).map(".".join), min_size=1, max_size=3),
+        st.sampled_from([r".*q", r"model\..*", r".*\.(q|k)", r"layers\.\d\..*"]),
+    ),
     exclude=st.one_of(st.none(), st.lists(segment, min_size=1, max_size=2)),
     layers=st.one_of(st.none(), st.lists(st.integers(0, 2), min_size=1, max_size=2), st.integers(0, 2)),
     pattern=st.one_of(st.none(), st.sampled_from(["layers", "h", ["layers", "h"]])),
@@ -104,7 +116,10 @@ def test_same_decision_as_reference(key, targets, exclude, layers, pattern):
     if pattern is not None and layers is None:
         layers = [0]
     c = cfg(
-        target_modules=targets, exclude_modules=exclude, layers_to_transform=layers, layers_pattern=pattern,
+        target_modules=targets,
+        exclude_modules=exclude,
+        layers_to_transform=layers,
+        layers_pattern=pattern,
         target_parameters=None,
     )
     ours = match_target(c, key)
