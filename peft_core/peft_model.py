@@ -77,6 +77,10 @@ class PeftModel(nn.Module):
             low_cpu_mem_usage=low_cpu_mem_usage,
             loading=_loading,
         )
+        if getattr(model, "is_gradient_checkpointing", False) and hasattr(model, "enable_input_require_grads"):
+            # With a frozen embedding, checkpointed blocks would see inputs that need no grad and
+            # drop the adapters' gradients.
+            model.enable_input_require_grads()
 
     def _with_task_modules(self, config: PeftConfig) -> PeftConfig:
         if not self.task_modules_to_save or not hasattr(config, "modules_to_save"):
