@@ -38,6 +38,14 @@ def _base_model_name(model: nn.Module) -> str | None:
     return str(name) if name else None
 
 
+def _uses_checkpointing(model: nn.Module) -> bool:
+    # transformers 5 renamed the flag; reading the old name there only warns.
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if name in dir(type(model)):
+            return bool(getattr(model, name))
+    return False
+
+
 class PeftModel(nn.Module):
     """A base model with adapters of one method, managed under peft's names.
 
@@ -77,7 +85,7 @@ class PeftModel(nn.Module):
             low_cpu_mem_usage=low_cpu_mem_usage,
             loading=_loading,
         )
-        if getattr(model, "is_gradient_checkpointing", False) and hasattr(model, "enable_input_require_grads"):
+        if _uses_checkpointing(model) and hasattr(model, "enable_input_require_grads"):
             # With a frozen embedding, checkpointed blocks would see inputs that need no grad and
             # drop the adapters' gradients.
             model.enable_input_require_grads()

@@ -152,3 +152,13 @@ def test_default_target_modules_come_from_the_method(monkeypatch):
 
     with pytest.raises(ConfigError, match="no default targets for model_type 'llama'"):
         get_peft_model(llama(), ToyConfig(target_modules=None))
+
+
+def test_activation_checkpointing_still_trains_the_adapter():
+    base = llama()
+    base.activation_checkpointing_enable()
+    model = get_peft_model(base, ToyConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], init_weights=False))
+    model.train()
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "toy_scale" in n]
+    assert grads and all(g is not None and torch.any(g != 0) for g in grads)
