@@ -64,7 +64,8 @@ def test_missing_peft_type_is_a_clear_error(tmp_path):
         PeftConfig.from_pretrained(tmp_path)
 
 
-def test_unknown_peft_type_names_the_plugin_to_install(tmp_path):
+def test_unknown_peft_type_names_the_plugin_to_install(tmp_path, registry_with_only):
+    registry_with_only()
     (tmp_path / CONFIG_NAME).write_text(json.dumps({"peft_type": "LOHA", "r": 8}))
     with pytest.raises(UnknownMethodError, match=r"pip install peft-loha"):
         PeftConfig.from_pretrained(tmp_path)
@@ -102,7 +103,8 @@ def test_from_pretrained_resolves_the_registered_class(tmp_path):
     assert type(loaded) is DemoConfig and loaded.r == 3 and loaded.inference_mode
 
 
-def test_lazy_plugin_config_import_error_names_the_package():
+def test_lazy_plugin_config_import_error_names_the_package(registry_with_only):
+    registry_with_only()
     import peft_core
 
     with pytest.raises(ImportError, match="pip install peft-oft"):

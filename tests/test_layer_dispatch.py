@@ -89,9 +89,13 @@ def test_a_second_plugin_extends_the_toy_method(registry_with_extension, tmp_pat
     assert registry_with_extension.layer_factory_origins("TOY")[0] == ("scaled-linear-support", 10)
     x = torch.randn(3, 4)
     base = model()
-    peft_model = get_peft_model(copy.deepcopy(base), peft_toy.ToyConfig(target_modules=["0", "2"], init_weights=False))
+    peft_model = get_peft_model(
+        copy.deepcopy(base), peft_toy.ToyConfig(target_modules=["0", "2"], init_weights=False)
+    )
     assert isinstance(peft_model.base_model.model[0], ToyOnScaledLinear)
-    assert isinstance(peft_model.base_model.model[2], AdapterLayer)  # the toy's own factory still serves nn.Linear
+    assert isinstance(
+        peft_model.base_model.model[2], AdapterLayer
+    )  # the toy's own factory still serves nn.Linear
     out = peft_model(x)
     peft_model.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)

@@ -221,7 +221,8 @@ def test_corrupt_safetensors_is_reported_and_changes_nothing(tmp_path, damage):
     assert_unchanged(base, before)
 
 
-def test_missing_plugin_and_missing_peft_type(tmp_path):
+def test_missing_plugin_and_missing_peft_type(tmp_path, registry_with_only):
+    registry_with_only("peft_toy.plugin")
     saved(tmp_path)
     config_path = tmp_path / "adapter_config.json"
     data = json.loads(config_path.read_text())

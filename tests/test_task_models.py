@@ -157,7 +157,9 @@ def test_default_target_modules_come_from_the_method(monkeypatch):
 def test_activation_checkpointing_still_trains_the_adapter():
     base = llama()
     base.activation_checkpointing_enable()
-    model = get_peft_model(base, ToyConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], init_weights=False))
+    model = get_peft_model(
+        base, ToyConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], init_weights=False)
+    )
     model.train()
     model(input_ids=IDS, labels=IDS).loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if "toy_scale" in n]
