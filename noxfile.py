@@ -70,7 +70,9 @@ def compat(session: nox.Session) -> None:
     plugin_args = [a for p in PLUGINS for a in ("-e", f"plugins/{p}")]
     _install(session, "-e", ".", *plugin_args, *TEST_DEPS, *HF_DEPS, *REFERENCE)
     paths = [f"plugins/{p}/tests" for p in PLUGINS]
-    session.run(*PYTEST, *_workers(session), *paths, "-m", "compat", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
+    session.run(
+        *PYTEST, *_workers(session), *paths, "-m", "compat", *session.posargs, env={"HF_HUB_OFFLINE": "1"}
+    )
 
 
 @nox.session
