@@ -217,6 +217,10 @@ class AdapterModel(nn.Module):
             del self.peft_config[adapter_name]
             raise
 
+        # New adapter modules start in training mode; follow the model's mode (dropout off in eval).
+        for module in self.model.modules():
+            if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+                module.train(self.model.training)
         if self.autocast_adapter_dtype:
             self._upcast_adapter(adapter_name)
         self.set_adapter(self.active_adapters)

@@ -202,9 +202,7 @@ def test_human_table_matches_the_example_in_the_docs(entry_points, capsys):
     entry_points += [
         FakeEntryPoint(
             "lora",
-            lambda: plugin_module(
-                "lora_mod", "LORA", factories=("LORA",), strategies=("cat", "linear", "svd")
-            ),
+            lambda: plugin_module("lora_mod", "LORA", factories=("LORA",)),
             FakeDist("peft-lora", "0.1.0"),
         ),
         FakeEntryPoint("sparse", missing_triton, FakeDist("peft-sparse", "0.3.0")),

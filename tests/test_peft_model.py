@@ -375,3 +375,13 @@ def test_push_to_hub_uploads_the_saved_folder(monkeypatch):
         "repo": "me/adapter",
         "files": ["README.md", "adapter_config.json", "adapter_model.safetensors"],
     }
+
+
+def test_adapters_added_to_an_eval_model_are_in_eval_mode():
+    """Otherwise a new adapter's dropout would be active at inference."""
+    model = get_peft_model(mlp(), toy(target_modules=["0"])).eval()
+    model.add_adapter("b", toy(target_modules=["0", "2"], modules_to_save=["4"]))
+    assert not any(m.training for m in model.modules())
+    model.train()
+    model.add_adapter("c", toy(target_modules=["2"]))
+    assert all(m.training for m in model.modules())

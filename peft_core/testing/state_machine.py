@@ -15,7 +15,7 @@ import warnings
 from typing import TYPE_CHECKING
 
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -170,5 +170,7 @@ def run_state_machine(kit: MethodConformance, *, max_examples: int | None = None
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
         derandomize=profile.derandomize,
+        # The "explain" phase replays the machine many times per failure; shrinking alone is enough.
+        phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
     )
     run_state_machine_as_test(AdapterMachine, settings=AdapterMachine.TestCase.settings)
