@@ -142,6 +142,8 @@ class PluginManager:
         self.registry.current_plugin = info.distribution
         try:
             self._pm.register(module, name=info.name)
+            # A misspelled @hookimpl would otherwise never be called and never complain.
+            self._pm.check_pending()
             others = [p for p in self._pm.get_plugins() if p is not module]
             for hook_name in (
                 "peft_register_methods",
@@ -163,7 +165,8 @@ class PluginManager:
 
     def _fail(self, info: PluginInfo, reason: str, exc: BaseException | None = None) -> None:
         info.status, info.reason = "failed", reason
-        message = f"peft-core plugin {info.name!r} ({info.distribution} {info.version}) was skipped: {reason}"
+        origin = f"{info.distribution} {info.version}".strip()
+        message = f"peft-core plugin {info.name!r} ({origin}) was skipped: {reason}"
         if self.strict:
             raise PluginLoadError(message) from exc
         if exc is not None and _env_flag("PEFT_CORE_DEBUG_PLUGINS"):

@@ -181,3 +181,17 @@ def test_installed_entry_points_load_cleanly():
         pm = plugins.PluginManager(strict=True)
         pm.load_entry_points()
     assert all(p.status == "loaded" for p in pm.plugins)
+
+
+def test_a_misspelled_hook_implementation_fails_the_load(entry_points):
+    module = types.ModuleType("typo")
+
+    @hookimpl
+    def peft_register_method(registry):  # missing the final "s"
+        raise AssertionError("never called")
+
+    module.peft_register_method = peft_register_method
+    entry_points.append(FakeEntryPoint("typo", lambda: module, FakeDist("peft-typo")))
+    with pytest.warns(RuntimeWarning, match=r"'typo' \(peft-typo 1.0\) was skipped.*peft_register_method"):
+        pm = manager()
+    assert [p.name for p in pm.failed] == ["typo"]
