@@ -1,0 +1,35 @@
+"""The peft-core conformance kit, run on every layer kind LoKr supports."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import strategies as st
+
+try:
+    from peft_core.testing import MethodConformance, ModelCase
+except ImportError:  # the kit ships with peft-core; an older core without it cannot run this module
+    pytest.skip("peft_core.testing (the conformance kit) is not available", allow_module_level=True)
+
+from peft_lokr import LoKrConfig
+
+
+class TestLoKrConformance(MethodConformance):
+    peft_type = "LOKR"
+    # Embeddings, Conv3d and transformers' Conv1D are not LoKr layers (nor in the reference).
+    layer_kinds = ("linear", "conv1d", "conv2d")
+    deviations: dict[str, str] = {}
+
+    def config_strategy(self, case: ModelCase, *, identity: bool):
+        @st.composite
+        def configs(draw: st.DrawFn) -> LoKrConfig:
+            return LoKrConfig(
+                target_modules=list(case.target_modules),
+                r=draw(st.integers(min_value=1, max_value=4)),
+                alpha=draw(st.sampled_from([1, 2, 8, 16])),
+                use_effective_conv2d=draw(st.booleans()),
+                decompose_both=draw(st.booleans()),
+                decompose_factor=draw(st.sampled_from([-1, 2])),
+                init_weights=draw(st.sampled_from([True, "lycoris"])) if identity else False,
+            )
+
+        return configs()
