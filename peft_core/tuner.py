@@ -199,6 +199,11 @@ class AdapterModel(nn.Module):
         self._validate_new_adapter(config)
         build_config = self._config_for_loading(config) if loading else config
 
+        was_disabled = any(
+            m.disable_adapters
+            for m in self.model.modules()
+            if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))
+        )
         self.peft_config[adapter_name] = config
         try:
             for key in self._target_keys(config):
@@ -217,10 +222,13 @@ class AdapterModel(nn.Module):
             del self.peft_config[adapter_name]
             raise
 
-        # New adapter modules start in training mode; follow the model's mode (dropout off in eval).
+        # New adapter modules start enabled and in training mode; follow the model's state instead
+        # (adapters disabled stay disabled, dropout stays off in eval).
         for module in self.model.modules():
             if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
                 module.train(self.model.training)
+                if was_disabled:
+                    module.enable_adapters(False)
         if self.autocast_adapter_dtype:
             self._upcast_adapter(adapter_name)
         self.set_adapter(self.active_adapters)

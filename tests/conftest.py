@@ -1,3 +1,10 @@
+"""Shared test setup: the kit's hypothesis profiles and a registry-isolation fixture.
+
+``HYPOTHESIS_PROFILE`` picks the profile: ``dev`` (default, 10 examples per check), ``ci``
+(25) or ``derandomized`` (25, fixed seed). They are the profiles
+:func:`peft_core.testing.register_profiles` gives every third-party plugin too.
+"""
+
 from __future__ import annotations
 
 import importlib

@@ -385,3 +385,17 @@ def test_adapters_added_to_an_eval_model_are_in_eval_mode():
     model.train()
     model.add_adapter("c", toy(target_modules=["2"]))
     assert all(m.training for m in model.modules())
+
+
+def test_adapters_added_while_disabled_stay_disabled():
+    base = mlp()
+    expected = copy.deepcopy(base)(X)
+    model = get_peft_model(base, toy(target_modules=["0"]))
+    model.base_model.disable_adapter_layers()
+    model.add_adapter("b", toy(target_modules=["0", "2"], modules_to_save=["4"]))
+    with torch.no_grad():
+        model.base_model.model[4].modules_to_save["b"].weight.add_(1.0)
+    model.set_adapter("b")
+    torch.testing.assert_close(model(X), expected, rtol=0, atol=0)
+    model.base_model.enable_adapter_layers()
+    assert not torch.allclose(model(X), expected)

@@ -1,22 +1,34 @@
-"""The contract every layer-wrapping method must keep, as one subclassable test class.
+"""The contract every layer-wrapping PEFT method keeps, as one test class to subclass.
 
-A plugin subclasses :class:`MethodConformance`, names its ``peft_type`` and the layer kinds it
-supports, and supplies ``config_strategy``; pytest then collects every ``test_*`` check below,
-each driven by hypothesis over the standard tiny models, the two dtypes and generated configs.
-Checks that a method's capabilities rule out are skipped with the reason; a method that deviates
-on purpose lists the check in ``deviations`` with a written reason.
+A plugin subclasses :class:`MethodConformance` as ``Test<Method>Conformance``, names its
+``peft_type`` and the standard layer kinds it supports, and writes ``config_strategy``. pytest then
+collects one ``test_<check>`` per entry of :data:`CHECKS`; each draws, with hypothesis, a tiny
+model of a supported kind (with generated sizes), a dtype, a seed and a config.
+
+* A check that the method's registered :class:`~peft_core.registry.Capabilities` rule out (merge
+  checks for a method that is not ``mergeable``, ...) is skipped, saying which capability.
+* A check the method deviates from on purpose is listed in ``deviations`` with a written reason;
+  it is skipped with that reason (``test_declared_deviations_are_known_checks`` keeps the list
+  honest). Deviations are data, never edited tests.
+
+Tolerances are in :mod:`peft_core.testing.tolerances`: exact where outputs must be identical,
+the dtype's rounding tolerance where a merge legitimately rounds. A method whose identity init
+rounds (e.g. DoRA) says so through :meth:`MethodConformance.identity_is_exact`.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import os
 import tempfile
-import warnings
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from attrs import frozen
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -24,276 +36,523 @@ from peft_core import PeftConfig, PeftModel, get_peft_model, get_peft_model_stat
 from peft_core.layer import AdapterLayer
 from peft_core.modules_to_save import ModulesToSaveWrapper
 from peft_core.plugins import get_registry
-from peft_core.registry import Capabilities
-from peft_core.testing.models import ModelCase, model_output, standard_model_cases
+from peft_core.registry import Capabilities, MethodSpec
+from peft_core.testing import strategies
+from peft_core.testing.models import ModelCase, model_output
+from peft_core.testing.profiles import quiet_health_checks
+from peft_core.testing.tolerances import assert_identical, assert_outputs_close
 
-__all__ = ["MethodConformance", "tolerance"]
+__all__ = ["CHECKS", "MethodConformance"]
 
-# Merged weights are rounded once per element, unmerged outputs are computed in two parts: the
-# difference is a few ulps of the output in float32, and bfloat16's 8-bit mantissa (eps 2**-7)
-# makes it about 1e-2 relative there.
-_TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (6e-2, 6e-2)}
+CHECKS: dict[str, str | None] = {
+    "identity_init_gives_base_output": "identity_init",
+    "non_identity_init_changes_output": None,
+    "merged_forward_equals_unmerged": "mergeable",
+    "unmerge_restores_base_weights": "mergeable",
+    "merging_twice_warns_and_applies_once": "mergeable",
+    "safe_merge_catches_nan_and_changes_nothing": "mergeable",
+    "merge_and_unload_keeps_base_architecture_and_outputs": "mergeable",
+    "unload_returns_base_model_and_outputs": None,
+    "disable_adapter_gives_base_output_and_keeps_adapter": None,
+    "save_load_round_trip": None,
+    "config_json_round_trip": None,
+    "only_adapter_parameters_are_trainable": None,
+    "optimizer_step_changes_only_adapter_parameters": None,
+    "multiple_adapters_add_switch_delete": None,
+    "state_machine_matches_dense_reference": None,
+}
+"""Every check, by name (its test is ``test_<name>``), with the capability it needs (or None)."""
 
 
-def tolerance(dtype: torch.dtype) -> dict[str, float]:
-    atol, rtol = _TOLERANCE.get(dtype, (1e-4, 1e-4))
-    return {"atol": atol, "rtol": rtol}
+def _forward(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model_output(model(**inputs))
 
 
-# One check function serves every plugin's subclass, so hypothesis sees several "executors" of it;
-# that is the kit's design (as in pandas' extension tests), not a sign of shared state.
-_given = settings(
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.differing_executors],
-    deadline=None,
-)
+def _snapshot(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in tensors.items()}
 
 
-def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    torch.testing.assert_close(
-        actual.float(), expected.float(), **tolerance(dtype), msg=lambda m: f"{what}: {m}"
+def _base_weights(model: PeftModel) -> dict[str, torch.Tensor]:
+    """Every tensor of the wrapped base model that is not an adapter's (base layers, originals)."""
+    adapter_ids = {id(t) for t in _adapter_tensors(model)}
+    return {
+        k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items() if id(v) not in adapter_ids
+    }
+
+
+def _adapter_tensors(model: PeftModel) -> list[torch.Tensor]:
+    tensors: list[torch.Tensor] = []
+    for module in model.modules():
+        if isinstance(module, AdapterLayer):
+            for attr in module.adapter_layer_names:
+                container = getattr(module, attr, None)
+                if isinstance(container, nn.Module):
+                    tensors += list(container.parameters()) + list(container.buffers())
+        elif isinstance(module, ModulesToSaveWrapper):
+            tensors += list(module.modules_to_save.parameters()) + list(module.modules_to_save.buffers())
+    return tensors
+
+
+def _adapter_parameters(layer: AdapterLayer, adapter_name: str) -> list[nn.Parameter]:
+    params: list[nn.Parameter] = []
+    for attr in layer.adapter_layer_names:
+        container = getattr(layer, attr, None)
+        if container is None or adapter_name not in container:
+            continue
+        item = container[adapter_name]
+        params += [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+    return params
+
+
+# Fields the library fills in when saving (provenance), not chosen by the user.
+_BOOKKEEPING_FIELDS = {
+    "inference_mode",
+    "auto_mapping",
+    "base_model_name_or_path",
+    "revision",
+    "peft_version",
+}
+
+
+def _method_fields(config: PeftConfig) -> dict[str, Any]:
+    return {k: v for k, v in config.to_dict().items() if k not in _BOOKKEEPING_FIELDS}
+
+
+def _architecture(model: nn.Module) -> list[tuple[str, type]]:
+    return [(name, type(module)) for name, module in model.named_modules()]
+
+
+def _assert_plain(model: nn.Module, base: nn.Module, what: str) -> None:
+    leftovers = [n for n, m in model.named_modules() if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))]
+    assert not leftovers, f"{what}: adapter modules left in the model: {leftovers}"
+    assert type(model) is type(base), (
+        f"{what}: returned a {type(model).__name__}, not the base {type(base).__name__}"
+    )
+    assert _architecture(model) == _architecture(base), f"{what}: module tree differs from the base model's"
+    assert list(model.state_dict()) == list(base.state_dict()), (
+        f"{what}: state-dict keys differ from the base's"
     )
 
 
+@frozen
+class _Setup:
+    case: ModelCase
+    dtype: torch.dtype
+    seed: int
+    config: PeftConfig
+    base: nn.Module
+    model: PeftModel
+    inputs: dict[str, torch.Tensor]
+
+
+def _hypothesis_check(body: Callable[..., None]) -> Callable[[Any], None]:
+    """Turn ``test_<check>(self, data)`` into a pytest test of ``self`` alone, run by hypothesis.
+
+    Settings are read when the test runs, so the profile loaded by the project's conftest (see
+    :func:`peft_core.testing.register_profiles`) applies whatever the import order; only the
+    deadline and the too-slow health checks are turned off (the first forward of a model is slow).
+    The capability and deviation gate runs first, so a skipped check draws nothing.
+    """
+    check = body.__name__.removeprefix("test_")
+    if check not in CHECKS:
+        raise KeyError(f"{body.__name__} is not test_<one of CHECKS>")
+
+    def test(self: MethodConformance) -> None:
+        self._gate(check)
+        current = settings.default
+        run_settings = settings(
+            current,
+            deadline=None,
+            suppress_health_check=[*current.suppress_health_check, *quiet_health_checks()],
+        )
+
+        def run(data: st.DataObject) -> None:
+            body(self, data)
+
+        key = f"{type(self).__module__}.{type(self).__qualname__}.{body.__name__}"
+        run.__name__, run.__qualname__ = body.__name__, key
+        run._hypothesis_internal_add_digest = key.encode()  # type: ignore[attr-defined]  # one database key per class
+        run_settings(given(data=st.data())(run))()
+
+    # No functools.wraps: pytest would follow __wrapped__ and take ``data`` for a fixture.
+    test.__name__, test.__qualname__, test.__doc__ = body.__name__, body.__qualname__, body.__doc__
+    test.__module__ = body.__module__
+    return test
+
+
 class MethodConformance:
-    """Subclass as ``Test<Method>Conformance`` and fill in the class attributes and ``config_strategy``."""
+    """Subclass as ``Test<Method>Conformance``; set ``peft_type``, ``layer_kinds``, ``config_strategy``.
+
+    >>> class TestToyConformance(MethodConformance):  # doctest: +SKIP
+    ...     peft_type = "TOY"
+    ...     layer_kinds = ("linear", "llama")
+    ...     def config_strategy(self, case, *, identity):
+    ...         return st.builds(ToyConfig, target_modules=st.just(list(case.target_modules)),
+    ...                          init_weights=st.just(identity))
+    """
 
     peft_type: ClassVar[str] = ""
+    """The method's registered ``peft_type`` (e.g. ``"LORA"``)."""
     layer_kinds: ClassVar[tuple[str, ...]] = ("linear",)
-    """Layer kinds of :func:`standard_model_cases` the method supports."""
-    dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32, torch.bfloat16)
+    """Layer kinds of the standard models (:data:`peft_core.testing.models.LAYER_KINDS`) to test."""
+    dtypes: ClassVar[tuple[torch.dtype, ...]] = strategies.DTYPES
+    """Dtypes to build base models in."""
     deviations: ClassVar[dict[str, str]] = {}
-    """``{"test_name": "why this method deviates"}``: that check is skipped with the reason."""
+    """``{"<check>": "why this method deviates"}``: the check is skipped with that reason."""
+    additive_adapters: ClassVar[bool] = True
+    """Several active adapters act as the sum of their separate weight updates (LoRA and most
+    delta methods). Set False for methods that compose otherwise (IA3 multiplies its scalings);
+    the state machine then checks multi-adapter states against a freshly rebuilt model instead."""
 
-    # ------------------------------------------------------------------ to provide
+    # ------------------------------------------------------------------ to provide / override
     def config_strategy(self, case: ModelCase, *, identity: bool) -> st.SearchStrategy[PeftConfig]:
-        """Configs for ``case``; ``identity=True`` for the method's identity init, else a non-identity one."""
-        raise NotImplementedError(f"{type(self).__name__} must implement config_strategy(case, identity=...)")
+        """Configs targeting ``case.target_modules``.
 
-    def model_cases(self) -> list[ModelCase]:
-        """The cases to draw from; override to add a model of your own."""
-        cases = [c for c in standard_model_cases() if c.layer_kind in self.layer_kinds]
-        if not cases:
-            raise ValueError(f"No standard model case has a layer kind among {self.layer_kinds}.")
-        return cases
+        ``identity=True``: the method's default, identity init. ``identity=False``: an init that
+        changes the output (e.g. ``init_lora_weights=False``), so merge and save checks are not
+        vacuous. Configs may use ``case.modules_to_save``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement config_strategy(case, *, identity)")
+
+    def identity_is_exact(self, config: PeftConfig) -> bool:
+        """Whether ``config``'s identity init reproduces the base output bit for bit (default: yes).
+
+        Return False for inits that are the identity only mathematically, e.g. DoRA's weight-norm
+        rescaling, which rounds; those outputs are compared within the dtype's rounding tolerance
+        (:mod:`peft_core.testing.tolerances`) instead.
+        """
+        return True
+
+    def case_strategy(self) -> st.SearchStrategy[ModelCase]:
+        """Models to draw: by default the standard kinds in ``layer_kinds``, with generated sizes."""
+        return strategies.model_cases(*self.layer_kinds)
 
     # ------------------------------------------------------------------ helpers
     @property
+    def spec(self) -> MethodSpec:
+        if not self.peft_type:
+            raise TypeError(f"{type(self).__name__} must set peft_type (e.g. peft_type = 'LORA').")
+        return get_registry().method(self.peft_type)
+
+    @property
     def capabilities(self) -> Capabilities:
-        return get_registry().method(self.peft_type).capabilities
+        return self.spec.capabilities
 
-    def _require(self, check: str, capability: str | None = None) -> None:
-        if check in self.deviations:
-            pytest.skip(f"declared deviation: {self.deviations[check]}")
-        if capability is not None and not getattr(self.capabilities, capability):
-            pytest.skip(f"{self.peft_type} does not declare the {capability!r} capability")
-
-    def _draw(
-        self, data: st.DataObject, *, identity: bool = False
-    ) -> tuple[ModelCase, torch.dtype, PeftConfig]:
-        case = data.draw(st.sampled_from(self.model_cases()), label="case")
-        dtype = data.draw(st.sampled_from(self.dtypes), label="dtype")
-        config = data.draw(self.config_strategy(case, identity=identity), label="config")
-        return case, dtype, config
-
-    @staticmethod
-    def _forward(model: nn.Module, case: ModelCase, dtype: torch.dtype) -> torch.Tensor:
-        with torch.no_grad():
-            return model_output(model(**case.make_inputs(dtype=dtype)))
+    def _gate(self, check: str) -> None:
+        for key in (check, f"test_{check}"):
+            if key in self.deviations:
+                pytest.skip(f"{self.peft_type} deviates from {check!r}: {self.deviations[key]}")
+        if self.capabilities.prompt_learning:
+            pytest.skip(f"{self.peft_type} is prompt learning; the kit checks layer-wrapping methods")
+        needed = CHECKS[check]
+        if needed is not None and not getattr(self.capabilities, needed):
+            pytest.skip(f"{self.peft_type} does not declare Capabilities({needed}=True)")
 
     def _setup(
-        self, data: st.DataObject, *, identity: bool = False
-    ) -> tuple[ModelCase, torch.dtype, nn.Module, PeftModel]:
-        case, dtype, config = self._draw(data, identity=identity)
-        base = case.build(dtype)
-        return case, dtype, base, get_peft_model(copy.deepcopy(base), config).eval()
+        self, data: st.DataObject, *, identity: bool = False, dtype: torch.dtype | None = None
+    ) -> _Setup:
+        case = data.draw(self.case_strategy(), label="case")
+        if dtype is None:
+            dtype = data.draw(strategies.dtypes(self.dtypes), label="dtype")
+        seed = data.draw(strategies.seeds(), label="seed")
+        config = data.draw(self.config_strategy(case, identity=identity), label="config")
+        base = case.build(dtype, seed=seed)
+        model = self._adapt(copy.deepcopy(base), config, seed)
+        return _Setup(case, dtype, seed, config, base, model, case.make_inputs(seed, dtype))
 
     @staticmethod
-    def _base_weights(model: PeftModel) -> dict[str, torch.Tensor]:
-        return {
-            k: v.detach().clone()
-            for k, v in model.state_dict().items()
-            if ".base_layer." in f".{k}." or "original_module" in k
-        }
+    def _adapt(model: nn.Module, config: PeftConfig, seed: int) -> PeftModel:
+        with torch.random.fork_rng():  # random inits must replay identically when hypothesis shrinks
+            torch.manual_seed(seed)
+            return get_peft_model(model, config).eval()
 
-    # ------------------------------------------------------------------ checks
-    @_given
-    @given(data=st.data())
+    @staticmethod
+    def _add_adapter(model: PeftModel, name: str, config: PeftConfig, seed: int) -> None:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model.add_adapter(name, config)
+        # New submodules (e.g. dropout) start in training mode, as in the reference library.
+        model.eval()
+
+    # ------------------------------------------------------------------ checks: init
+    @_hypothesis_check
     def test_identity_init_gives_base_output(self, data: st.DataObject) -> None:
-        self._require("test_identity_init_gives_base_output", "identity_init")
-        case, dtype, base, model = self._setup(data, identity=True)
-        expected = self._forward(base, case, dtype)
-        # float32 should be exact up to rounding of a zero-valued update
-        torch.testing.assert_close(
-            self._forward(model, case, dtype).float(),
-            expected.float(),
-            atol=1e-6 if dtype == torch.float32 else 1e-2,
-            rtol=1e-5,
+        """A fresh adapter with the default (identity) init gives exactly the base output."""
+        s = self._setup(data, identity=True)
+        adapted, plain = _forward(s.model, s.inputs), _forward(s.base, s.inputs)
+        if self.identity_is_exact(s.config):
+            assert_identical(adapted, plain, "identity-init output vs base")
+        else:
+            assert_outputs_close(adapted, plain, s.dtype, "identity-init output vs base")
+
+    @_hypothesis_check
+    def test_non_identity_init_changes_output(self, data: st.DataObject) -> None:
+        """``config_strategy(identity=False)`` really changes outputs (else other checks are vacuous)."""
+        s = self._setup(data, identity=False, dtype=torch.float32)
+        adapted, plain = _forward(s.model, s.inputs), _forward(s.base, s.inputs)
+        assert not torch.equal(adapted, plain), (
+            f"config_strategy(case, identity=False) gave {s.config!r}, which leaves the output of {s.case} "
+            "unchanged; return a config with a non-identity init."
         )
 
-    @_given
-    @given(data=st.data())
+    # ------------------------------------------------------------------ checks: merging
+    @_hypothesis_check
     def test_merged_forward_equals_unmerged(self, data: st.DataObject) -> None:
-        self._require("test_merged_forward_equals_unmerged", "mergeable")
-        case, dtype, _, model = self._setup(data)
-        unmerged = self._forward(model, case, dtype)
-        model.merge_adapter()
-        _close(self._forward(model, case, dtype), unmerged, dtype, "merged vs unmerged output")
+        """Merging the adapter into the base weights does not change the output."""
+        s = self._setup(data)
+        unmerged = _forward(s.model, s.inputs)
+        s.model.merge_adapter()
+        assert all(layer.merged for layer in s.model.base_model.adapter_layers()), (
+            "merge_adapter left layers unmerged"
+        )
+        assert_outputs_close(_forward(s.model, s.inputs), unmerged, s.dtype, "merged vs unmerged output")
 
-    @_given
-    @given(data=st.data())
+    @_hypothesis_check
     def test_unmerge_restores_base_weights(self, data: st.DataObject) -> None:
-        self._require("test_unmerge_restores_base_weights", "mergeable")
-        _, dtype, _, model = self._setup(data)
-        before = self._base_weights(model)
-        model.merge_adapter()
-        model.unmerge_adapter()
-        after = self._base_weights(model)
+        """``unmerge_adapter`` after ``merge_adapter`` gives back the base weights and output."""
+        s = self._setup(data)
+        before = _base_weights(s.model)
+        s.model.merge_adapter()
+        s.model.unmerge_adapter()
+        assert not any(layer.merged for layer in s.model.base_model.adapter_layers()), "layers still merged"
+        after = _base_weights(s.model)
+        assert after.keys() == before.keys()
         for key, value in before.items():
-            _close(after[key], value, dtype, f"base weight {key} after merge+unmerge")
+            assert_outputs_close(after[key], value, s.dtype, f"base tensor {key} after merge + unmerge")
+        with s.model.disable_adapter():
+            assert_outputs_close(
+                _forward(s.model, s.inputs), _forward(s.base, s.inputs), s.dtype, "base output after unmerge"
+            )
 
-    @_given
-    @given(data=st.data())
+    @_hypothesis_check
     def test_merging_twice_warns_and_applies_once(self, data: st.DataObject) -> None:
-        self._require("test_merging_twice_warns_and_applies_once", "mergeable")
-        case, dtype, _, model = self._setup(data)
-        model.merge_adapter()
-        once = self._forward(model, case, dtype)
-        with pytest.warns(UserWarning, match="already merged"):
-            model.merge_adapter()
-        torch.testing.assert_close(self._forward(model, case, dtype), once, atol=0, rtol=0)
+        """A second ``merge_adapter`` warns and changes nothing (no double application)."""
+        s = self._setup(data)
+        s.model.merge_adapter()
+        once, weights = _forward(s.model, s.inputs), _base_weights(s.model)
+        with pytest.warns(UserWarning, match="(?i)merged"):
+            s.model.merge_adapter()
+        assert_identical(_forward(s.model, s.inputs), once, "output after merging twice")
+        for key, value in _base_weights(s.model).items():
+            assert_identical(value, weights[key], f"base tensor {key} after merging twice")
 
-    @_given
-    @given(data=st.data())
+    @_hypothesis_check
     def test_safe_merge_catches_nan_and_changes_nothing(self, data: st.DataObject) -> None:
-        self._require("test_safe_merge_catches_nan_and_changes_nothing", "mergeable")
-        _, _, _, model = self._setup(data)
-        layer = next(model.base_model.adapter_layers())
-        param = next(p for n, p in layer.named_parameters() if not n.startswith("base_layer"))
+        """``safe_merge=True`` raises on a NaN adapter and leaves every base weight untouched.
+
+        The NaN goes into a drawn layer, so layers merged before it must be rolled back too.
+        """
+        s = self._setup(data)
+        layers = list(s.model.base_model.adapter_layers())
+        layer = layers[data.draw(st.integers(0, len(layers) - 1), label="layer with NaN")]
+        params = _adapter_parameters(layer, "default")
+        assert params, f"{type(layer).__name__} holds no parameters for adapter 'default'"
         with torch.no_grad():
-            param.view(-1)[0] = float("nan")
-        before = self._base_weights(model)
-        with pytest.raises(ValueError, match="NaN"):
-            model.merge_adapter(safe_merge=True)
-        after = self._base_weights(model)
-        for key, value in before.items():
-            torch.testing.assert_close(after[key], value, atol=0, rtol=0, equal_nan=True)
-        assert not any(layer.merged for layer in model.base_model.adapter_layers())
+            for param in params:
+                param.data[(0,) * param.dim()] = float("nan")
+        before = _base_weights(s.model)
+        with pytest.raises(ValueError, match="(?i)nan"):
+            s.model.merge_adapter(safe_merge=True)
+        for key, value in _base_weights(s.model).items():
+            assert_identical(value, before[key], f"base tensor {key} after a failed safe merge")
+        assert not any(lay.merged for lay in layers), "a failed safe merge left layers marked merged"
+        with s.model.disable_adapter():
+            assert_identical(_forward(s.model, s.inputs), _forward(s.base, s.inputs), "base output")
 
-    @_given
-    @given(data=st.data())
-    def test_merge_and_unload_returns_the_base_architecture(self, data: st.DataObject) -> None:
-        self._require("test_merge_and_unload_returns_the_base_architecture", "mergeable")
-        case, dtype, base, model = self._setup(data)
-        adapted = self._forward(model, case, dtype)
-        merged = model.merge_and_unload()
-        assert not any(isinstance(m, (AdapterLayer, ModulesToSaveWrapper)) for m in merged.modules())
-        assert [(n, type(m)) for n, m in merged.named_modules()] == [
-            (n, type(m)) for n, m in base.named_modules()
-        ]
-        _close(self._forward(merged, case, dtype), adapted, dtype, "merge_and_unload output")
+    @_hypothesis_check
+    def test_merge_and_unload_keeps_base_architecture_and_outputs(self, data: st.DataObject) -> None:
+        """``merge_and_unload`` returns the base architecture computing the adapted output."""
+        s = self._setup(data)
+        adapted = _forward(s.model, s.inputs)
+        merged = s.model.merge_and_unload()
+        _assert_plain(merged, s.base, "merge_and_unload")
+        assert_outputs_close(
+            _forward(merged, s.inputs), adapted, s.dtype, "merge_and_unload output vs adapted"
+        )
 
-    @_given
-    @given(data=st.data())
-    def test_unload_returns_the_base_model(self, data: st.DataObject) -> None:
-        self._require("test_unload_returns_the_base_model")
-        case, dtype, base, model = self._setup(data)
-        if self.capabilities.mergeable:
-            model.merge_adapter()
-        plain = model.unload()
-        _close(self._forward(plain, case, dtype), self._forward(base, case, dtype), dtype, "unload output")
+    @_hypothesis_check
+    def test_unload_returns_base_model_and_outputs(self, data: st.DataObject) -> None:
+        """``unload`` (after a merge, too) returns the base architecture with the base weights."""
+        s = self._setup(data)
+        merge_first = self.capabilities.mergeable and data.draw(st.booleans(), label="merge first")
+        if merge_first:
+            s.model.merge_adapter()
+        plain = s.model.unload()
+        _assert_plain(plain, s.base, "unload")
+        expected_state = s.base.state_dict()
+        for key, value in plain.state_dict().items():
+            if merge_first:
+                assert_outputs_close(value, expected_state[key], s.dtype, f"{key} after merge + unload")
+            else:
+                assert_identical(value, expected_state[key], f"{key} after unload")
+        output, base_output = _forward(plain, s.inputs), _forward(s.base, s.inputs)
+        if merge_first:
+            assert_outputs_close(output, base_output, s.dtype, "output after merge + unload")
+        else:
+            assert_identical(output, base_output, "output after unload")
 
-    @_given
-    @given(data=st.data())
-    def test_disable_adapter_gives_base_output(self, data: st.DataObject) -> None:
-        self._require("test_disable_adapter_gives_base_output")
-        case, dtype, base, model = self._setup(data)
-        adapted = self._forward(model, case, dtype)
-        with model.disable_adapter():
-            torch.testing.assert_close(
-                self._forward(model, case, dtype), self._forward(base, case, dtype), atol=0, rtol=0
+    # ------------------------------------------------------------------ checks: disabling
+    @_hypothesis_check
+    def test_disable_adapter_gives_base_output_and_keeps_adapter(self, data: st.DataObject) -> None:
+        """Inside ``disable_adapter()`` the output is the base's; afterwards the adapter is intact."""
+        s = self._setup(data)
+        adapted = _forward(s.model, s.inputs)
+        tensors = _snapshot(get_peft_model_state_dict(s.model))
+        trainable = {n for n, p in s.model.named_parameters() if p.requires_grad}
+        with s.model.disable_adapter():
+            assert_identical(
+                _forward(s.model, s.inputs), _forward(s.base, s.inputs), "output with adapter disabled"
             )
-        torch.testing.assert_close(self._forward(model, case, dtype), adapted, atol=0, rtol=0)
+        assert_identical(_forward(s.model, s.inputs), adapted, "output after disable_adapter()")
+        after = get_peft_model_state_dict(s.model)
+        assert after.keys() == tensors.keys()
+        for key, value in tensors.items():
+            assert_identical(after[key], value, f"adapter tensor {key} after disable_adapter()")
+        assert {n for n, p in s.model.named_parameters() if p.requires_grad} == trainable
+        assert s.model.active_adapters == ["default"]
 
-    @_given
-    @given(data=st.data())
+    # ------------------------------------------------------------------ checks: files
+    @_hypothesis_check
     def test_save_load_round_trip(self, data: st.DataObject) -> None:
-        self._require("test_save_load_round_trip")
-        case, dtype, base, model = self._setup(data)
-        expected = self._forward(model, case, dtype)
+        """``save_pretrained`` -> ``PeftModel.from_pretrained`` gives identical outputs, tensors, config."""
+        s = self._setup(data)
+        is_trainable = data.draw(st.booleans(), label="is_trainable")
+        expected = _forward(s.model, s.inputs)
         with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp)
-            loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp).eval()
-        torch.testing.assert_close(self._forward(loaded, case, dtype), expected, atol=0, rtol=0)
-        ours, theirs = get_peft_model_state_dict(model), get_peft_model_state_dict(loaded)
-        assert ours.keys() == theirs.keys()
-        for key in ours:
-            torch.testing.assert_close(theirs[key], ours[key], atol=0, rtol=0, msg=key)
-        # Saving records inference_mode=True and, for task-less models, the auto_mapping.
-        ignore = {"inference_mode", "auto_mapping"}
-        saved_config = {k: v for k, v in loaded.peft_config["default"].to_dict().items() if k not in ignore}
-        assert saved_config == {
-            k: v for k, v in model.peft_config["default"].to_dict().items() if k not in ignore
-        }
+            s.model.save_pretrained(tmp)
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                assert os.path.isfile(os.path.join(tmp, name)), f"save_pretrained wrote no {name}"
+            loaded = PeftModel.from_pretrained(copy.deepcopy(s.base), tmp, is_trainable=is_trainable).eval()
+        assert_identical(_forward(loaded, s.inputs), expected, "output after save -> load")
+        ours, theirs = get_peft_model_state_dict(s.model), get_peft_model_state_dict(loaded)
+        assert ours.keys() == theirs.keys(), f"checkpoint keys differ: {sorted(ours.keys() ^ theirs.keys())}"
+        for key, value in ours.items():
+            assert theirs[key].dtype == value.dtype, f"{key}: saved {value.dtype}, loaded {theirs[key].dtype}"
+            assert_identical(theirs[key], value, f"adapter tensor {key} after save -> load")
+        ours_config, theirs_config = (_method_fields(m.peft_config["default"]) for m in (s.model, loaded))
+        assert theirs_config == ours_config, f"config after save -> load: {theirs_config} != {ours_config}"
+        assert loaded.peft_config["default"].inference_mode is not is_trainable
+        trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
+        if is_trainable:
+            assert trainable == {n for n, p in s.model.named_parameters() if p.requires_grad}
+        else:
+            assert not trainable, f"loaded with is_trainable=False, yet trainable: {sorted(trainable)[:5]}"
 
-    @_given
-    @given(data=st.data())
+    @_hypothesis_check
     def test_config_json_round_trip(self, data: st.DataObject) -> None:
-        self._require("test_config_json_round_trip")
-        _, _, config = self._draw(data)
-        import json
-
-        again = PeftConfig.from_dict(json.loads(config.to_json_string()))
+        """``to_dict`` -> JSON -> ``from_dict`` (and save_pretrained -> from_pretrained) is lossless."""
+        case = data.draw(self.case_strategy(), label="case")
+        config = data.draw(self.config_strategy(case, identity=data.draw(st.booleans(), label="identity")))
+        as_dict = config.to_dict()
+        assert as_dict["peft_type"] == self.spec.peft_type
+        again = PeftConfig.from_dict(json.loads(json.dumps(as_dict)))
         assert type(again) is type(config)
-        assert again.to_dict() == config.to_dict()
+        assert again.to_dict() == as_dict
+        assert type(config).from_dict(json.loads(config.to_json_string())).to_dict() == as_dict
+        with tempfile.TemporaryDirectory() as tmp:
+            config.save_pretrained(tmp)
+            from_file = PeftConfig.from_pretrained(tmp)
+        assert type(from_file) is type(config) and from_file.to_dict() == as_dict
 
-    @_given
-    @given(data=st.data())
-    def test_only_adapter_parameters_train(self, data: st.DataObject) -> None:
-        self._require("test_only_adapter_parameters_train")
-        case, dtype, _, model = self._setup(data)
-        prefix = get_registry().method(self.peft_type).prefix
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        assert trainable, "an adapter must have trainable parameters"
-        config = model.peft_config["default"]
-        biases_train = getattr(config, "bias", "none") not in (None, "none")
+    # ------------------------------------------------------------------ checks: training
+    @_hypothesis_check
+    def test_only_adapter_parameters_are_trainable(self, data: st.DataObject) -> None:
+        """Exactly the active adapter's parameters (and its ``modules_to_save`` copies) train."""
+        s = self._setup(data)
+        prefix = self.spec.prefix
+        config = s.model.peft_config["default"]
+        bias_mode = getattr(config, "bias", "none") or "none"
+        trainable = {n for n, p in s.model.named_parameters() if p.requires_grad}
+        assert trainable, "a new adapter has no trainable parameters"
         for name in trainable:
-            assert prefix in name or "modules_to_save" in name or (biases_train and name.endswith("bias")), (
-                name
+            ok = (prefix in name and ".default" in name) or ".modules_to_save.default." in name
+            ok = ok or (bias_mode != "none" and name.endswith("bias"))
+            assert ok, (
+                f"{name} is trainable but is no adapter parameter (prefix {prefix!r}) or modules_to_save copy"
             )
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-        model.train()
-        loss = model_output(model(**case.make_inputs(dtype=dtype))).float().pow(2).mean()
+        names = {id(p): n for n, p in s.model.named_parameters()}
+        for layer in s.model.base_model.adapter_layers():
+            for param in _adapter_parameters(layer, "default"):
+                assert param.requires_grad, f"adapter parameter {names[id(param)]} is frozen"
+        for module in s.model.modules():
+            if isinstance(module, ModulesToSaveWrapper) and "default" in module.modules_to_save:
+                assert all(p.requires_grad for p in module.modules_to_save["default"].parameters())
+                assert not any(p.requires_grad for p in module.original_module.parameters())
+
+    @_hypothesis_check
+    def test_optimizer_step_changes_only_adapter_parameters(self, data: st.DataObject) -> None:
+        """One SGD step (lr 0.1) on a loss changes adapter parameters and nothing else."""
+        s = self._setup(data)
+        trainable = {n for n, p in s.model.named_parameters() if p.requires_grad}
+        before = {n: p.detach().clone() for n, p in s.model.named_parameters()}
+        optimizer = torch.optim.SGD([p for p in s.model.parameters() if p.requires_grad], lr=0.1)
+        s.model.train()
+        with torch.random.fork_rng():
+            torch.manual_seed(s.seed)  # dropout, if any, replays identically
+            loss = model_output(s.model(**s.inputs)).float().pow(2).mean()
         loss.backward()
         optimizer.step()
-        changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
-        assert changed <= trainable, f"frozen parameters changed: {sorted(changed - trainable)}"
-        assert changed, "one optimizer step changed no adapter parameter"
+        frozen_with_grad = [
+            n for n, p in s.model.named_parameters() if not p.requires_grad and p.grad is not None
+        ]
+        assert not frozen_with_grad, f"frozen parameters received gradients: {frozen_with_grad[:5]}"
+        changed = {n for n, p in s.model.named_parameters() if not torch.equal(p.detach(), before[n])}
+        assert changed <= trainable, f"frozen parameters changed: {sorted(changed - trainable)[:5]}"
+        prefix = self.spec.prefix
+        assert any(prefix in n for n in changed), f"one optimizer step changed no {prefix}* parameter"
 
-    @_given
-    @given(data=st.data())
+    # ------------------------------------------------------------------ checks: several adapters
+    @_hypothesis_check
     def test_multiple_adapters_add_switch_delete(self, data: st.DataObject) -> None:
-        self._require("test_multiple_adapters_add_switch_delete")
-        case, dtype, _, model = self._setup(data)
-        first = self._forward(model, case, dtype)
-        other = data.draw(self.config_strategy(case, identity=False), label="second config")
-        model.add_adapter("other", other)
-        torch.testing.assert_close(self._forward(model, case, dtype), first, atol=0, rtol=0)
-        model.set_adapter("other")
-        second = self._forward(model, case, dtype)
-        model.set_adapter("default")
-        torch.testing.assert_close(self._forward(model, case, dtype), first, atol=0, rtol=0)
-        model.delete_adapter("other")
-        assert list(model.peft_config) == ["default"]
-        torch.testing.assert_close(self._forward(model, case, dtype), first, atol=0, rtol=0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model.add_adapter("other", other)
-        assert second.shape == first.shape
+        """Adding, switching and deleting adapters never disturbs the other adapters' outputs."""
+        s = self._setup(data)
+        first = _forward(s.model, s.inputs)
+        other = data.draw(self.config_strategy(s.case, identity=False), label="config 'other'")
+        self._add_adapter(s.model, "other", other, s.seed + 1)
+        assert s.model.active_adapters == ["default"], "add_adapter must not activate the new adapter"
+        assert_identical(_forward(s.model, s.inputs), first, "'default' output after adding 'other'")
+        other_tensors = _snapshot(get_peft_model_state_dict(s.model, adapter_name="other"))
 
-    def test_state_machine(self) -> None:
-        """Random sequences of adapter operations, checked against freshly built unmerged models."""
-        self._require("test_state_machine")
+        s.model.set_adapter("other")
+        second = _forward(s.model, s.inputs)
+        s.model.set_adapter("default")
+        assert_identical(_forward(s.model, s.inputs), first, "'default' output after switching back")
+
+        third = data.draw(self.config_strategy(s.case, identity=False), label="config 'third'")
+        self._add_adapter(s.model, "third", third, s.seed + 2)
+        s.model.set_adapter("other")
+        s.model.delete_adapter("default")  # the active one goes: 'other' must stay untouched
+        assert s.model.active_adapters == ["other"]
+        assert_identical(_forward(s.model, s.inputs), second, "'other' output after deleting 'default'")
+        s.model.delete_adapter("third")  # an inactive one goes
+        assert list(s.model.peft_config) == ["other"]
+        assert_identical(_forward(s.model, s.inputs), second, "'other' output after deleting 'third'")
+        leftovers = [n for n, _ in s.model.named_parameters() if ".default." in n or ".third." in n]
+        assert not leftovers, f"parameters of deleted adapters remain: {leftovers[:5]}"
+        tensors = get_peft_model_state_dict(s.model, adapter_name="other")
+        assert tensors.keys() == other_tensors.keys()
+        for key, value in other_tensors.items():
+            assert_identical(tensors[key], value, f"'other' tensor {key}")
+
+    # ------------------------------------------------------------------ the state machine
+    def test_state_machine_matches_dense_reference(self) -> None:
+        """Random sequences of add/set/disable/merge/unmerge/save+load/delete against a dense reference."""
+        self._gate("state_machine_matches_dense_reference")
         from peft_core.testing.state_machine import run_state_machine
 
         run_state_machine(self)
+
+    # ------------------------------------------------------------------ the subclass itself
+    def test_declared_deviations_are_known_checks(self) -> None:
+        """Each declared deviation names a real check and gives a reason."""
+        unknown = [k for k in self.deviations if k.removeprefix("test_") not in CHECKS]
+        assert not unknown, f"deviations {unknown} name no check; the checks are {sorted(CHECKS)}"
+        unexplained = [k for k, reason in self.deviations.items() if not str(reason).strip()]
+        assert not unexplained, f"deviations {unexplained} need a written reason"
+        assert self.spec.peft_type == self.peft_type.upper()
+
+
+_missing = [c for c in CHECKS if not hasattr(MethodConformance, f"test_{c}")]
+if _missing:  # pragma: no cover - guards edits of this module
+    raise RuntimeError(f"checks without a test: {_missing}")

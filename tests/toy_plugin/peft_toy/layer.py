@@ -1,3 +1,5 @@
+"""The TOY layer: the smallest ``nn.Linear`` adapter that merges through a weight delta."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -1,3 +1,5 @@
+"""TOY's hooks: peft-core loads this module through the ``peft_core`` entry point ``toy``."""
+
 from __future__ import annotations
 
 from torch import nn
