@@ -19,6 +19,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from peft_core.config import PeftConfig
+    from peft_core.registry import CombinationStrategy
 
 __all__ = ["AdapterLayer", "check_adapters_to_merge"]
 
@@ -103,6 +104,53 @@ class AdapterLayer(nn.Module):
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
+
+    # ------------------------------------------------------------------ combining
+    @torch.no_grad()
+    def combine_adapters(
+        self,
+        target: str,
+        sources: list[str],
+        weights: list[float],
+        strategy: CombinationStrategy,
+        **options: Any,
+    ) -> None:
+        """Fill ``target``'s tensors by combining the same tensors of ``sources`` with ``strategy``.
+
+        The default combines tensor by tensor, which is right for methods whose effect is linear
+        in each tensor ((IA)³ vectors); sources this layer does not hold are skipped. A method
+        whose combined adapter must be re-factorised overrides this.
+        """
+        held = [(s, w) for s, w in zip(sources, weights) if s in self.adapter_names]
+        source_tensors = {s: self._tensors_by_place(s) for s, _ in held}
+        for place, tensor in self._tensors_by_place(target).items():
+            parts = []
+            for source, _ in held:
+                part = source_tensors[source].get(place)
+                if part is None or part.shape != tensor.shape:
+                    shape = "missing" if part is None else f"of shape {tuple(part.shape)}"
+                    raise ValueError(
+                        f"Cannot combine adapter {source!r} into {target!r}: its {'.'.join(filter(None, place))} is "
+                        f"{shape}, the combined adapter's is of shape {tuple(tensor.shape)}. The source adapters "
+                        "must have the same shapes on every layer they share."
+                    )
+                parts.append(part)
+            combined = strategy(parts, [w for _, w in held], **options) if parts else torch.zeros_like(tensor)
+            tensor.data.copy_(combined)
+
+    def _tensors_by_place(self, adapter_name: str) -> dict[tuple[str, str], torch.Tensor]:
+        """``adapter_name``'s tensors keyed by (attribute, name inside it), comparable across adapters."""
+        places: dict[tuple[str, str], torch.Tensor] = {}
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr, None)
+            if container is None or adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(item, torch.Tensor):
+                places[(attr, "")] = item
+            else:
+                places.update({(attr, rest): t for rest, t in item.state_dict(keep_vars=True).items()})
+        return places
 
     # ------------------------------------------------------------------ adapters
     @property

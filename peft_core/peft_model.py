@@ -175,6 +175,21 @@ class PeftModel(nn.Module):
     def unload(self) -> nn.Module:
         return self.base_model.unload()
 
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "linear",
+        **options: Any,
+    ) -> None:
+        """Add ``adapter_name`` as a weighted combination of ``adapters`` (inactive until set_adapter).
+
+        ``combination_type`` names a registered combination strategy (``peft-core plugins`` lists
+        them); an existing ``adapter_name`` is an error rather than a silent no-op.
+        """
+        self.base_model.add_weighted_adapter(adapters, weights, adapter_name, combination_type, **options)
+
     # ------------------------------------------------------------------ parameters
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts."""

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from attrs import define, field, frozen
 
+from peft_core.combination import BUILTIN_STRATEGIES
 from peft_core.errors import PluginConflictError, UnknownMethodError
 
 if TYPE_CHECKING:
@@ -126,6 +127,10 @@ _KNOWN_PLUGINS = {
 }
 
 
+CORE_PLUGIN = "peft-core"
+"""The name entries contributed by the core itself are recorded under."""
+
+
 def plugin_hint(peft_type: str) -> str:
     """The distribution expected to provide ``peft_type``."""
     return _KNOWN_PLUGINS.get(peft_type.upper(), "peft-" + peft_type.lower().replace("_", "-"))
@@ -143,7 +148,10 @@ class Registry:
         self.current_plugin = "<unknown>"
         self._methods: dict[str, MethodSpec] = {}
         self._factories: dict[str, list[_FactoryEntry]] = {}
-        self._strategies: dict[str, tuple[CombinationStrategy, str]] = {}
+        # The core's own strategies are there whatever plugins load; plugins add more by name.
+        self._strategies: dict[str, tuple[CombinationStrategy, str]] = {
+            name: (strategy, CORE_PLUGIN) for name, strategy in BUILTIN_STRATEGIES.items()
+        }
         self._converters: dict[str, tuple[StateDictConverter, str]] = {}
         self._order = 0
 

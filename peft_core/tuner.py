@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from peft_core.combination import check_weighted_request
 from peft_core.config import PeftConfig
 from peft_core.errors import ConfigError, TargetModulesError
 from peft_core.layer import AdapterLayer
@@ -454,6 +455,86 @@ class AdapterModel(nn.Module):
             elif isinstance(module, ModulesToSaveWrapper):
                 setattr(parent, name, module.active_module if merge else module.original_module)
         return self.model
+
+    # ------------------------------------------------------------------ combining
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "linear",
+        **options: Any,
+    ) -> None:
+        """Add ``adapter_name``, built by combining ``adapters`` with ``weights``.
+
+        ``combination_type`` names a strategy of the registry; ``options`` go to it. The new
+        adapter is not activated. Nothing changes when the request is refused or fails.
+        """
+        if not self.spec.capabilities.weighted_combination:
+            raise TypeError(
+                f"{self.spec.peft_type} adapters cannot be combined with add_weighted_adapter (the method does not "
+                "declare weighted_combination)."
+            )
+        check_weighted_request(self.peft_config, adapters, weights, adapter_name)
+        strategy = get_registry().combination_strategy(combination_type)
+        owners = self._modules_to_save_owners(adapters)
+        config = self._weighted_adapter_config(list(adapters))
+        self.inject_adapter(adapter_name, config)
+        try:
+            with torch.no_grad():
+                for layer in self.adapter_layers():
+                    if adapter_name in layer.adapter_names:
+                        layer.combine_adapters(
+                            adapter_name, list(adapters), list(weights), strategy, **options
+                        )
+                for wrapper, owner in owners:
+                    wrapper.modules_to_save[adapter_name].load_state_dict(
+                        wrapper.modules_to_save[owner].state_dict()
+                    )
+        except BaseException:
+            self.delete_adapter(adapter_name)
+            raise
+
+    def _modules_to_save_owners(self, adapters: list[str]) -> list[tuple[ModulesToSaveWrapper, str]]:
+        """The source adapter whose trained copy each ``modules_to_save`` module inherits (at most one)."""
+        owners = []
+        for key, wrapper in self.model.named_modules():
+            if not isinstance(wrapper, ModulesToSaveWrapper):
+                continue
+            holders = [a for a in adapters if a in wrapper.modules_to_save]
+            if len(holders) > 1:
+                raise ValueError(
+                    f"Adapters {holders} each have their own trained copy of {key!r} (modules_to_save), which "
+                    "cannot be combined; combine adapters of which at most one has a copy of each module."
+                )
+            if holders:
+                owners.append((wrapper, holders[0]))
+        return owners
+
+    def _weighted_adapter_config(self, adapters: list[str]) -> PeftConfig:
+        """The combined adapter's config: the first source's, on exactly the modules any source adapts.
+
+        Naming the modules one by one reproduces the sources' targets whatever their selection
+        rules were (regexes, exclusions, layer filters). Methods with other per-module choices
+        extend this.
+        """
+        keys = sorted(
+            key
+            for key, layer in self.named_adapter_layers()
+            if any(a in layer.adapter_names for a in adapters)
+        )
+        saved = sorted(
+            {m for a in adapters for m in (getattr(self.peft_config[a], "modules_to_save", None) or [])}
+        )
+        config = self.peft_config[adapters[0]]
+        changes = {
+            "target_modules": keys,
+            "exclude_modules": None,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+            "modules_to_save": saved or None,
+        }
+        return config.copy(**{k: v for k, v in changes.items() if hasattr(config, k)})
 
     # ------------------------------------------------------------------ forward
     def forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -58,10 +58,14 @@ CHECKS: dict[str, str | None] = {
     "config_json_round_trip": None,
     "only_adapter_parameters_are_trainable": None,
     "optimizer_step_changes_only_adapter_parameters": None,
+    "training_steps_lower_the_loss": None,
     "multiple_adapters_add_switch_delete": None,
     "state_machine_matches_dense_reference": None,
 }
 """Every check, by name (its test is ``test_<name>``), with the capability it needs (or None)."""
+
+
+_TRAINING_STEPS = 20
 
 
 def _forward(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -501,6 +505,38 @@ class MethodConformance:
         assert changed <= trainable, f"frozen parameters changed: {sorted(changed - trainable)[:5]}"
         prefix = self.spec.prefix
         assert any(prefix in n for n in changed), f"one optimizer step changed no {prefix}* parameter"
+
+    @_hypothesis_check
+    def test_training_steps_lower_the_loss(self, data: st.DataObject) -> None:
+        """A few Adam steps from the default init lower a regression loss, training only the adapter."""
+        s = self._setup(data, identity=True, dtype=torch.float32)
+        with torch.no_grad():
+            base_out = _forward(s.base, s.inputs)
+            target = base_out + torch.randn(base_out.shape, generator=torch.Generator().manual_seed(s.seed))
+
+        def loss_of(model: nn.Module) -> torch.Tensor:
+            return (model_output(model(**s.inputs)).float() - target).pow(2).mean()
+
+        frozen = {n: p.detach().clone() for n, p in s.model.named_parameters() if not p.requires_grad}
+        with torch.no_grad():
+            initial = loss_of(s.model.eval()).item()
+        optimizer = torch.optim.Adam([p for p in s.model.parameters() if p.requires_grad], lr=5e-3)
+        s.model.train()
+        with torch.random.fork_rng():
+            torch.manual_seed(s.seed)  # dropout, if any, replays identically when hypothesis shrinks
+            for _ in range(_TRAINING_STEPS):
+                optimizer.zero_grad()
+                loss_of(s.model).backward()
+                optimizer.step()
+        with torch.no_grad():
+            final = loss_of(s.model.eval()).item()
+        assert final < initial, (
+            f"{_TRAINING_STEPS} Adam steps (lr 5e-3) did not lower the loss: {initial:.6g} -> {final:.6g}"
+        )
+        changed = [
+            n for n, value in frozen.items() if not torch.equal(s.model.get_parameter(n).detach(), value)
+        ]
+        assert not changed, f"training changed frozen parameters: {changed[:5]}"
 
     # ------------------------------------------------------------------ checks: several adapters
     @_hypothesis_check

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from peft_core.config import PeftConfig
@@ -38,3 +39,23 @@ class IA3Model(AdapterModel):
         # (targets given by the user need not include the model type's default feedforward modules).
         config.feedforward_modules = list(defaults)
         return config
+
+    def _weighted_adapter_config(self, adapters: list[str]) -> PeftConfig:
+        """Also keep, module by module, whether the sources scale its input or its output.
+
+        The feedforward modules are written as an exact-name regex: the reference's list entries
+        match name *endings*, under which ``0.fc`` would also select ``10.fc``.
+        """
+        config = super()._weighted_adapter_config(adapters)
+        feedforward = []
+        for key, layer in self.named_adapter_layers():
+            kinds = {layer.is_feedforward[a] for a in adapters if a in layer.is_feedforward}
+            if len(kinds) > 1:
+                raise ValueError(
+                    f"The adapters {adapters} disagree on whether {key!r} is a feedforward module (input vs output "
+                    "scaling), so their vectors cannot be combined; combine adapters with the same "
+                    "feedforward_modules."
+                )
+            if kinds == {True}:
+                feedforward.append(key)
+        return config.copy(feedforward_modules="|".join(map(re.escape, feedforward)) if feedforward else [])

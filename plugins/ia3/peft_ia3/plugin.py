@@ -108,7 +108,9 @@ def peft_register_methods(registry: Registry) -> None:
             config_cls=IA3Config,
             model_cls=IA3Model,
             prefix="ia3_",
-            capabilities=Capabilities(mergeable=True, mixable=True, identity_init=True),
+            capabilities=Capabilities(
+                mergeable=True, mixable=True, identity_init=True, weighted_combination=True
+            ),
             default_target_modules=DEFAULT_TARGET_MODULES,
         )
     )
