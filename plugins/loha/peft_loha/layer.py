@@ -23,12 +23,12 @@ import math
 from typing import Any
 
 import torch
+from peft_core.delta_layer import CONV1D, CONV2D, LINEAR, DeltaWeightLayer
 from peft_core.errors import ConfigError
 from peft_core.targeting import pattern_value
 from torch import nn
 
 from peft_loha.config import LoHaConfig
-from peft_loha.delta_layer import CONV1D, CONV2D, LINEAR, DeltaWeightLayer
 
 __all__ = ["LAYER_TYPES", "Conv1d", "Conv2d", "Linear", "LoHaLayer", "hadamard_cp_factor"]
 

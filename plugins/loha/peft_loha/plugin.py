@@ -6,6 +6,7 @@ another plugin can add LoHa for a new layer type with a factory of higher priori
 
 from __future__ import annotations
 
+from peft_core.delta_layer import CONV1D, CONV2D, LINEAR, layer_kind
 from peft_core.hookspecs import hookimpl
 from peft_core.layer import AdapterLayer
 from peft_core.registry import Capabilities, LayerContext, LayerFactory, MethodSpec, Registry
@@ -13,7 +14,6 @@ from torch import nn
 
 from peft_loha.config import LoHaConfig
 from peft_loha.default_targets import DEFAULT_TARGET_MODULES
-from peft_loha.delta_layer import CONV1D, CONV2D, LINEAR, layer_kind
 from peft_loha.layer import LAYER_TYPES, LoHaLayer
 from peft_loha.model import LoHaModel
 

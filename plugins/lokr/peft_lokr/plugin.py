@@ -6,6 +6,7 @@ another plugin can add LoKr for a new layer type with a factory of higher priori
 
 from __future__ import annotations
 
+from peft_core.delta_layer import CONV1D, CONV2D, LINEAR, layer_kind
 from peft_core.hookspecs import hookimpl
 from peft_core.layer import AdapterLayer
 from peft_core.registry import Capabilities, LayerContext, LayerFactory, MethodSpec, Registry
@@ -13,7 +14,6 @@ from torch import nn
 
 from peft_lokr.config import LoKrConfig
 from peft_lokr.default_targets import DEFAULT_TARGET_MODULES
-from peft_lokr.delta_layer import CONV1D, CONV2D, LINEAR, layer_kind
 from peft_lokr.layer import LAYER_TYPES, LoKrLayer
 from peft_lokr.model import LoKrModel
 

@@ -1,13 +1,11 @@
-"""The layer machinery of methods whose adapter is a dense weight delta built from small factors.
+"""A base for layers whose adapter is a dense weight delta rebuilt from small factors.
 
-LoHa and LoKr (the LyCORIS family) both rebuild a full ``delta W`` from their factors and apply it
-as ``base(x) + op(x, delta W)``, where ``op`` is the base layer's own linear map (``F.linear`` or
-the base convolution). What they share lives here: the per-adapter hyper-parameters (``r``,
+Methods of the LyCORIS family (LoHa, LoKr, ...) rebuild a full ``delta W`` from their factors
+and apply it as ``base(x) + op(x, delta W)``, where ``op`` is the base layer's own linear map
+(``F.linear`` or the base convolution). None of that depends on how the factors are combined,
+so it lives in the core for every such method: the per-adapter hyper-parameters (``r``,
 ``alpha``, ``scaling``, dropouts) under the reference library's attribute names, the forward
 pass with module dropout, exact merging, scaling, and a cache of the delta for evaluation.
-
-peft-loha and peft-lokr each carry this module (a plugin installs alone and may not import
-another plugin); keep the two copies identical.
 """
 
 from __future__ import annotations
@@ -16,10 +14,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft_core.layer import AdapterLayer
 from torch import nn
 
-__all__ = ["DeltaWeightLayer", "layer_kind"]
+from peft_core.layer import AdapterLayer
+
+__all__ = ["CONV1D", "CONV2D", "LINEAR", "DeltaWeightLayer", "layer_kind"]
 
 LINEAR, CONV1D, CONV2D = "linear", "conv1d", "conv2d"
 
@@ -50,7 +49,7 @@ def _autocast_enabled(device_type: str) -> bool:
 
 
 class DeltaWeightLayer(AdapterLayer):
-    """Base of LoHa/LoKr layers on ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d``.
+    """Base of delta-weight adapter layers on ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d``.
 
     A subclass lists its factor containers in ``adapter_layer_names`` and implements
     ``update_layer`` and ``get_delta_weight(adapter_name, apply_rank_dropout=...)``, which returns
