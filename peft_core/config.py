@@ -13,7 +13,15 @@ from attrs import define, field
 
 from peft_core.errors import ConfigError
 
-__all__ = ["PeftConfig", "TaskType"]
+__all__ = ["REFERENCE_FORMAT_VERSION", "PeftConfig", "TaskType"]
+
+REFERENCE_FORMAT_VERSION = "0.21.2"
+"""The reference library release whose file format this core writes, recorded as ``peft_version``.
+
+The reference fills ``peft_version`` with its own version when it creates a config and reads it
+back to choose between format revisions (OFT's Cayley-Neumann series changed in 0.18.0, and a
+missing value is refused there), so configs written here carry the release they are compatible with.
+"""
 
 C = TypeVar("C", bound="PeftConfig")
 
@@ -81,6 +89,8 @@ class PeftConfig:
     inference_mode: bool = False
 
     def __attrs_post_init__(self) -> None:
+        if self.peft_version is None:
+            self.peft_version = REFERENCE_FORMAT_VERSION
         if self.PEFT_TYPE:
             if self.peft_type not in (None, self.PEFT_TYPE):
                 raise ConfigError(

@@ -19,7 +19,6 @@ from torch import nn
 
 if TYPE_CHECKING:
     from peft_core.config import PeftConfig
-    from peft_core.registry import CombinationStrategy
 
 __all__ = ["AdapterLayer", "check_adapters_to_merge"]
 
@@ -112,15 +111,21 @@ class AdapterLayer(nn.Module):
         target: str,
         sources: list[str],
         weights: list[float],
-        strategy: CombinationStrategy,
+        combination_type: str,
         **options: Any,
     ) -> None:
-        """Fill ``target``'s tensors by combining the same tensors of ``sources`` with ``strategy``.
+        """Fill ``target``'s tensors by combining the same tensors of ``sources``.
+
+        ``combination_type`` names a strategy of the registry, called with ``options``.
 
         The default combines tensor by tensor, which is right for methods whose effect is linear
         in each tensor ((IA)³ vectors); sources this layer does not hold are skipped. A method
         whose combined adapter must be re-factorised overrides this.
         """
+        # Imported here: the registry is built from the plugins, which import this module.
+        from peft_core.plugins import get_registry
+
+        strategy = get_registry().combination_strategy(combination_type)
         held = [(s, w) for s, w in zip(sources, weights) if s in self.adapter_names]
         source_tensors = {s: self._tensors_by_place(s) for s, _ in held}
         for place, tensor in self._tensors_by_place(target).items():

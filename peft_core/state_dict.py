@@ -50,8 +50,8 @@ def _adapter_entries(model: nn.Module, adapter_name: str) -> Iterator[tuple[str,
                 yield f"{prefix}modules_to_save.{adapter_name}.{rest}", prefix + rest, tensor
 
 
-def _bias_entries(model: nn.Module, config: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """Base-layer biases that the config's ``bias`` option trains (and so saves)."""
+def _bias_entries(model: nn.Module, config: Any) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """``(model_key, checkpoint_key, tensor)`` of the biases the config's ``bias`` option trains (and so saves)."""
     bias = getattr(config, "bias", "none")
     if bias in (None, "none"):
         return
@@ -66,17 +66,21 @@ def _bias_entries(model: nn.Module, config: Any) -> Iterator[tuple[str, torch.Te
     for path, module in model.named_modules():
         prefix = f"{path}." if path else ""
         if bias == "all":
-            if id(module) in inside_adapters or "modules_to_save" in path.split("."):
+            parts = path.split(".")
+            # modules_to_save copies are saved as such.
+            if id(module) in inside_adapters or "modules_to_save" in parts:
                 continue
             tensor = module._parameters.get("bias")
             if isinstance(tensor, torch.Tensor):
-                yield f"{prefix}bias", tensor
+                # A module that another adapter's modules_to_save wrapped later keeps its plain key.
+                plain = ".".join(p for p in parts if p != "original_module")
+                yield f"{prefix}bias", f"{plain}.bias" if plain else "bias", tensor
         elif isinstance(module, AdapterLayer):
             base = module.get_base_layer()
             tensor = getattr(base, "bias", None)
             if isinstance(tensor, torch.Tensor):
-                inner = _inner_path(module)
-                yield f"{prefix}{inner}bias", tensor
+                key = f"{prefix}{_inner_path(module)}bias"
+                yield key, key, tensor
 
 
 def _inner_path(layer: AdapterLayer) -> str:
@@ -104,8 +108,10 @@ def get_peft_model_state_dict(
             state_dict[model_key] if state_dict is not None and model_key in state_dict else tensor
         )
     if config is not None:
-        for key, tensor in _bias_entries(model, config):
-            result[key] = state_dict[key] if state_dict is not None and key in state_dict else tensor
+        for model_key, ckpt_key, tensor in _bias_entries(model, config):
+            result[ckpt_key] = (
+                state_dict[model_key] if state_dict is not None and model_key in state_dict else tensor
+            )
     return {k: v.detach() for k, v in result.items()}
 
 
@@ -114,7 +120,7 @@ def _checkpoint_to_model_keys(model: nn.Module, adapter_name: str) -> dict[str, 
     config = _configs(model).get(adapter_name)
     entries = [(m, c, t) for m, c, t in _adapter_entries(model, adapter_name)]
     if config is not None:
-        entries += [(k, k, t) for k, t in _bias_entries(model, config)]
+        entries += list(_bias_entries(model, config))
     for model_key, ckpt_key, tensor in entries:
         mapping[ckpt_key] = (model_key, tensor)
         # A checkpoint always carries the PeftModel prefix; a bare injected model does not.

@@ -109,12 +109,22 @@ class AdapterModel(nn.Module):
                 param.requires_grad_(False)
         for adapter in self.active_adapters:
             config = self.peft_config.get(adapter)
-            bias = getattr(config, "bias", "none") if config is not None else "none"
+            # An adapter loaded for inference trains nothing, its biases included.
+            if config is None or config.inference_mode:
+                continue
+            bias = getattr(config, "bias", "none")
             if bias == "none":
                 continue
             if bias == "all":
+                # An original that a modules_to_save wrapper does not run (it runs a copy) stays frozen.
+                idle = {
+                    id(p)
+                    for m in self.model.modules()
+                    if isinstance(m, ModulesToSaveWrapper) and m.active_adapter is not None
+                    for p in m.original_module.parameters()
+                }
                 for name, param in self.model.named_parameters():
-                    if name.endswith(".bias") or name == "bias":
+                    if (name.endswith(".bias") or name == "bias") and id(param) not in idle:
                         param.requires_grad_(True)
             elif bias == f"{self.prefix}only":
                 for module in self.adapter_layers():
@@ -476,16 +486,15 @@ class AdapterModel(nn.Module):
                 "declare weighted_combination)."
             )
         check_weighted_request(self.peft_config, adapters, weights, adapter_name)
-        strategy = get_registry().combination_strategy(combination_type)
         owners = self._modules_to_save_owners(adapters)
-        config = self._weighted_adapter_config(list(adapters))
+        config = self._weighted_adapter_config(list(adapters), combination_type, options)
         self.inject_adapter(adapter_name, config)
         try:
             with torch.no_grad():
                 for layer in self.adapter_layers():
                     if adapter_name in layer.adapter_names:
                         layer.combine_adapters(
-                            adapter_name, list(adapters), list(weights), strategy, **options
+                            adapter_name, list(adapters), list(weights), combination_type, **options
                         )
                 for wrapper, owner in owners:
                     wrapper.modules_to_save[adapter_name].load_state_dict(
@@ -511,13 +520,17 @@ class AdapterModel(nn.Module):
                 owners.append((wrapper, holders[0]))
         return owners
 
-    def _weighted_adapter_config(self, adapters: list[str]) -> PeftConfig:
+    def _weighted_adapter_config(
+        self, adapters: list[str], combination_type: str, options: dict[str, Any]
+    ) -> PeftConfig:
         """The combined adapter's config: the first source's, on exactly the modules any source adapts.
 
         Naming the modules one by one reproduces the sources' targets whatever their selection
-        rules were (regexes, exclusions, layer filters). Methods with other per-module choices
-        extend this.
+        rules were (regexes, exclusions, layer filters). This is also where a request is refused
+        before anything changes: the default knows the registry's strategies, combined tensor by
+        tensor. Methods with other per-module choices or combination types extend this.
         """
+        get_registry().combination_strategy(combination_type)
         keys = sorted(
             key
             for key, layer in self.named_adapter_layers()

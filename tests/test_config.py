@@ -111,3 +111,12 @@ def test_lazy_plugin_config_import_error_names_the_package(registry_with_only):
         from peft_core import OFTConfig  # noqa: F401
     with pytest.raises(AttributeError):
         peft_core.NotAThing  # noqa: B018
+
+
+def test_unset_peft_version_is_the_reference_format_version_and_a_given_one_is_kept():
+    from peft_core.config import REFERENCE_FORMAT_VERSION
+
+    assert DemoConfig().peft_version == REFERENCE_FORMAT_VERSION == "0.21.2"
+    assert DemoConfig(peft_version="0.13.0").peft_version == "0.13.0"
+    assert DemoConfig.from_dict({"peft_version": None}).peft_version == "0.21.2"
+    assert json.loads(DemoConfig().to_json_string())["peft_version"] == "0.21.2"

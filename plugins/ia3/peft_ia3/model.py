@@ -40,13 +40,15 @@ class IA3Model(AdapterModel):
         config.feedforward_modules = list(defaults)
         return config
 
-    def _weighted_adapter_config(self, adapters: list[str]) -> PeftConfig:
+    def _weighted_adapter_config(
+        self, adapters: list[str], combination_type: str, options: dict[str, Any]
+    ) -> PeftConfig:
         """Also keep, module by module, whether the sources scale its input or its output.
 
         The feedforward modules are written as an exact-name regex: the reference's list entries
         match name *endings*, under which ``0.fc`` would also select ``10.fc``.
         """
-        config = super()._weighted_adapter_config(adapters)
+        config = super()._weighted_adapter_config(adapters, combination_type, options)
         feedforward = []
         for key, layer in self.named_adapter_layers():
             kinds = {layer.is_feedforward[a] for a in adapters if a in layer.is_feedforward}

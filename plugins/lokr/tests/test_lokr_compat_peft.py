@@ -120,7 +120,8 @@ _BASES: dict[str, nn.Module] = {}
 def base_model(name: str) -> nn.Module:
     """A fresh copy of the (cached) tiny model ``name``, in eval mode."""
     if name not in _BASES:
-        _BASES[name] = _build(name).eval()
+        with torch.random.fork_rng():  # building draws random weights: leave the caller's stream alone
+            _BASES[name] = _build(name).eval()
     return copy.deepcopy(_BASES[name])
 
 
