@@ -1,0 +1,110 @@
+"""The hooks peft-core calls when it loads peft-adalora (entry point ``adalora`` in group ``peft_core``).
+
+One layer factory per base-layer type, each returning None for modules it does not handle, so
+another plugin can add AdaLoRA support for a new layer type (a quantized linear, a custom layer)
+with a factory of higher priority, without touching this package.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from peft_core.hookspecs import hookimpl
+from peft_core.layer import AdapterLayer
+from peft_core.registry import Capabilities, LayerContext, MethodSpec, Registry
+from torch import nn
+
+from peft_adalora.config import AdaLoraConfig
+from peft_adalora.default_targets import DEFAULT_TARGET_MODULES
+from peft_adalora.layer import AdaLoraLayer, SVDConv2d, SVDLinear, is_transformers_conv1d
+from peft_adalora.model import AdaLoraModel
+
+__all__ = [
+    "PEFT_TYPE",
+    "conv2d_factory",
+    "linear_factory",
+    "peft_register_layer_factories",
+    "peft_register_methods",
+    "transformers_conv1d_factory",
+]
+
+PEFT_TYPE = "ADALORA"
+
+
+def _base_of(target: nn.Module) -> nn.Module:
+    """The innermost module: another method's adapter layer is wrapped as a whole (stacking)."""
+    return target.get_base_layer() if isinstance(target, AdapterLayer) else target
+
+
+def _plain_float_weight(module: nn.Module) -> bool:
+    """Whether ``module`` keeps an ordinary floating-point weight.
+
+    Quantized layers (bitsandbytes, ...) subclass ``nn.Linear`` but keep packed integer weights;
+    their support belongs to a quantization backend's factory registered at a higher priority.
+    """
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, nn.Parameter) or not weight.dtype.is_floating_point:
+        return False
+    return not type(module).__module__.startswith("bitsandbytes")
+
+
+def linear_factory(
+    target: nn.Module, adapter_name: str, config: AdaLoraConfig, context: LayerContext
+) -> AdaLoraLayer | None:
+    """AdaLoRA for ``nn.Linear`` (with a plain floating-point weight)."""
+    base = _base_of(target)
+    if not isinstance(base, nn.Linear) or not _plain_float_weight(base):
+        return None
+    if config.fan_in_fan_out:
+        warnings.warn(
+            f"fan_in_fan_out=True, but {context.key!r} is an nn.Linear, which stores (out, in); using "
+            "fan_in_fan_out=False for it.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return SVDLinear(target, adapter_name, config, key=context.key, fan_in_fan_out=False)
+
+
+def transformers_conv1d_factory(
+    target: nn.Module, adapter_name: str, config: AdaLoraConfig, context: LayerContext
+) -> AdaLoraLayer | None:
+    """AdaLoRA for transformers' ``Conv1D`` (GPT-2 style), whose weight is stored (in, out)."""
+    if not is_transformers_conv1d(_base_of(target)):
+        return None
+    if not config.fan_in_fan_out:
+        warnings.warn(
+            f"fan_in_fan_out=False, but {context.key!r} is a transformers Conv1D, which stores (in, out); using "
+            "fan_in_fan_out=True for it.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return SVDLinear(target, adapter_name, config, key=context.key, fan_in_fan_out=True)
+
+
+def conv2d_factory(
+    target: nn.Module, adapter_name: str, config: AdaLoraConfig, context: LayerContext
+) -> AdaLoraLayer | None:
+    """AdaLoRA for ``nn.Conv2d`` (not grouped)."""
+    if not isinstance(_base_of(target), nn.Conv2d):
+        return None
+    return SVDConv2d(target, adapter_name, config, key=context.key)
+
+
+@hookimpl
+def peft_register_methods(registry: Registry) -> None:
+    registry.register_method(
+        MethodSpec(
+            peft_type=PEFT_TYPE,
+            config_cls=AdaLoraConfig,
+            model_cls=AdaLoraModel,
+            prefix="lora_",
+            capabilities=Capabilities(mergeable=True, mixable=True, identity_init=True),
+            default_target_modules=DEFAULT_TARGET_MODULES,
+        )
+    )
+
+
+@hookimpl
+def peft_register_layer_factories(registry: Registry) -> None:
+    for factory in (linear_factory, transformers_conv1d_factory, conv2d_factory):
+        registry.register_layer_factory(PEFT_TYPE, factory, priority=0)
