@@ -92,8 +92,9 @@ class MethodSpec:
     prefix: str
     """Parameter-name prefix of the method's trainable tensors (e.g. ``"lora_"``)."""
     capabilities: Capabilities = field(factory=Capabilities)
-    default_target_modules: Mapping[str, tuple[str, ...]] = field(factory=dict)
-    """Target modules to use per transformers ``model_type`` when a config names none."""
+    default_target_modules: Mapping[str, tuple[str, ...] | str] = field(factory=dict)
+    """Target modules to use per transformers ``model_type`` when a config names none: module
+    names, or a regex over full module names (e.g. :data:`peft_core.default_targets.LORA_STYLE_DEFAULT_TARGETS`)."""
     plugin: str = ""
     """Distribution that registered this method; filled in by the plugin manager."""
 

@@ -109,6 +109,10 @@ def get_peft_model_state_dict(
         )
     if config is not None:
         for model_key, ckpt_key, tensor in _bias_entries(model, config):
+            if (
+                ckpt_key in result
+            ):  # the adapter's own modules_to_save copy of that module, not the idle original
+                continue
             result[ckpt_key] = (
                 state_dict[model_key] if state_dict is not None and model_key in state_dict else tensor
             )
@@ -118,11 +122,12 @@ def get_peft_model_state_dict(
 def _checkpoint_to_model_keys(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, torch.Tensor]]:
     mapping: dict[str, tuple[str, torch.Tensor]] = {}
     config = _configs(model).get(adapter_name)
-    entries = [(m, c, t) for m, c, t in _adapter_entries(model, adapter_name)]
+    entries = list(_adapter_entries(model, adapter_name))
     if config is not None:
         entries += list(_bias_entries(model, config))
     for model_key, ckpt_key, tensor in entries:
-        mapping[ckpt_key] = (model_key, tensor)
+        # First come, first kept: an adapter's own tensors win over a bias entry with the same key.
+        mapping.setdefault(ckpt_key, (model_key, tensor))
         # A checkpoint always carries the PeftModel prefix; a bare injected model does not.
         if not ckpt_key.startswith(PEFT_PREFIX):
             mapping.setdefault(PEFT_PREFIX + ckpt_key, (model_key, tensor))

@@ -92,7 +92,8 @@ class AdapterModel(nn.Module):
                     f"target_modules is not set and {self.spec.peft_type} has no default targets for model_type "
                     f"{model_type!r}. Pass target_modules (a list of module names, a regex, or 'all-linear')."
                 )
-            config = config.copy(target_modules=list(defaults))
+            # A regex default (a string) stands as it is; names become a list, as the reference writes them.
+            config = config.copy(target_modules=defaults if isinstance(defaults, str) else list(defaults))
         return config
 
     def _validate_new_adapter(self, config: PeftConfig) -> None:

@@ -23,7 +23,6 @@ from peft_core.tuner import AdapterModel
 
 from peft_adalora.allocator import RankAllocator
 from peft_adalora.config import AdaLoraConfig, rank_pattern_key
-from peft_adalora.default_targets import DEFAULT_TARGET_REGEXES
 from peft_adalora.layer import AdaLoraLayer, pattern_mask
 
 __all__ = ["AdaLoraModel"]
@@ -48,13 +47,6 @@ class AdaLoraModel(AdapterModel):
     """The trainable adapter's rank allocator."""
 
     # ------------------------------------------------------------------ config
-    def _prepare_adapter_config(self, config: PeftConfig, model_config: dict[str, Any]) -> PeftConfig:
-        if getattr(config, "target_modules", None) is None:
-            regex = DEFAULT_TARGET_REGEXES.get(model_config.get("model_type") or "")
-            if regex is not None:
-                return config.copy(target_modules=regex)
-        return super()._prepare_adapter_config(config, model_config)
-
     def _validate_new_adapter(self, config: PeftConfig) -> None:
         trainable = [name for name, c in self.peft_config.items() if not c.inference_mode]
         if trainable and not config.inference_mode:

@@ -15,7 +15,7 @@ from peft_core.registry import Capabilities, LayerContext, MethodSpec, Registry
 from torch import nn
 
 from peft_adalora.config import AdaLoraConfig
-from peft_adalora.default_targets import DEFAULT_TARGET_MODULES
+from peft_adalora.default_targets import DEFAULT_TARGET_MODULES, DEFAULT_TARGET_REGEXES
 from peft_adalora.layer import AdaLoraLayer, SVDConv2d, SVDLinear, is_transformers_conv1d
 from peft_adalora.model import AdaLoraModel
 
@@ -99,7 +99,7 @@ def peft_register_methods(registry: Registry) -> None:
             model_cls=AdaLoraModel,
             prefix="lora_",
             capabilities=Capabilities(mergeable=True, mixable=True, identity_init=True),
-            default_target_modules=DEFAULT_TARGET_MODULES,
+            default_target_modules={**DEFAULT_TARGET_MODULES, **DEFAULT_TARGET_REGEXES},
         )
     )
 

@@ -12,7 +12,7 @@ from peft_core.errors import ConfigError
 from peft_core.plugins import get_registry
 
 from peft_adalora import AdaLoraConfig, plugin
-from peft_adalora.default_targets import DEFAULT_TARGET_MODULES
+from peft_adalora.default_targets import DEFAULT_TARGET_MODULES, DEFAULT_TARGET_REGEXES
 from peft_adalora.model import AdaLoraModel
 
 
@@ -151,7 +151,7 @@ def test_registered_method_spec():
         False,
     )
     assert not caps.mixed_batch and not caps.weighted_combination
-    assert dict(spec.default_target_modules) == DEFAULT_TARGET_MODULES
+    assert dict(spec.default_target_modules) == {**DEFAULT_TARGET_MODULES, **DEFAULT_TARGET_REGEXES}
 
 
 def test_entry_point_is_declared():

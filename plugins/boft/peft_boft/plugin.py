@@ -14,6 +14,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from peft_core.default_targets import LORA_STYLE_DEFAULT_TARGETS
 from peft_core.errors import TargetModulesError
 from peft_core.hookspecs import hookimpl
 from peft_core.layer import AdapterLayer
@@ -21,7 +22,6 @@ from peft_core.registry import Capabilities, LayerContext, MethodSpec, Registry
 from torch import nn
 
 from peft_boft.config import BOFTConfig
-from peft_boft.default_targets import DEFAULT_TARGET_MODULES
 from peft_boft.layer import BOFTLayer, Conv2d, Linear
 from peft_boft.model import BOFTModel
 
@@ -159,7 +159,7 @@ def peft_register_methods(registry: Registry) -> None:
             # convolution's weight), so it cannot compose with another method's layer underneath; the
             # reference's mixed models exclude BOFT as well.
             capabilities=Capabilities(mergeable=True, mixable=False, identity_init=True),
-            default_target_modules=DEFAULT_TARGET_MODULES,
+            default_target_modules=LORA_STYLE_DEFAULT_TARGETS,
         )
     )
 

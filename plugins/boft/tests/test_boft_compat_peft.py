@@ -565,10 +565,10 @@ def test_configs_the_reference_refuses_are_refused(peft, options):
 
 def test_default_targets_are_the_references(peft):
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_BOFT_TARGET_MODULES_MAPPING as reference
+    from peft_core.plugins import get_registry
 
-    from peft_boft.default_targets import DEFAULT_TARGET_MODULES, DEFAULT_TARGET_REGEXES
-
-    ours = {k: list(v) for k, v in DEFAULT_TARGET_MODULES.items()} | dict(DEFAULT_TARGET_REGEXES)
+    registered = get_registry().method("BOFT").default_target_modules
+    ours = {k: v if isinstance(v, str) else list(v) for k, v in registered.items()}
     assert ours == reference
 
 

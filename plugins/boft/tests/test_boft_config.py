@@ -11,13 +11,13 @@ from importlib.metadata import entry_points
 import pytest
 import torch
 from peft_core import PeftConfig, PeftModel, get_peft_model
+from peft_core.default_targets import LORA_STYLE_DEFAULT_TARGETS as DEFAULT_TARGET_MODULES
 from peft_core.errors import ConfigError, TargetModulesError
 from peft_core.plugins import get_registry
 from peft_core.registry import LayerContext
 from torch import nn
 
 from peft_boft import BOFTConfig, plugin
-from peft_boft.default_targets import DEFAULT_TARGET_MODULES, DEFAULT_TARGET_REGEXES
 from peft_boft.layer import Conv2d, Linear
 from peft_boft.model import BOFTModel
 
@@ -274,7 +274,7 @@ def test_regex_default_targets_and_missing_defaults():
     nn.Module.__init__(model)
     model.spec = get_registry().method("BOFT")
     prepared = model._prepare_adapter_config(BOFTConfig(), {"model_type": "gemma4"})
-    assert prepared.target_modules == DEFAULT_TARGET_REGEXES["gemma4"]
+    assert prepared.target_modules == DEFAULT_TARGET_MODULES["gemma4"]
     with pytest.raises(ConfigError, match="no default targets for model_type 'unknown'"):
         model._prepare_adapter_config(BOFTConfig(), {"model_type": "unknown"})
 

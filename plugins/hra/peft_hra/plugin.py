@@ -7,13 +7,13 @@ without touching this package.
 
 from __future__ import annotations
 
+from peft_core.default_targets import LORA_STYLE_DEFAULT_TARGETS
 from peft_core.hookspecs import hookimpl
 from peft_core.layer import AdapterLayer
 from peft_core.registry import Capabilities, LayerContext, MethodSpec, Registry
 from torch import nn
 
 from peft_hra.config import HRAConfig
-from peft_hra.default_targets import DEFAULT_TARGET_MODULES
 from peft_hra.layer import Conv2d, HRALayer, Linear
 from peft_hra.model import HRAModel
 
@@ -71,7 +71,7 @@ def peft_register_methods(registry: Registry) -> None:
             model_cls=HRAModel,
             prefix="hra_",
             capabilities=Capabilities(mergeable=True, mixable=False, identity_init=True),
-            default_target_modules=DEFAULT_TARGET_MODULES,
+            default_target_modules=LORA_STYLE_DEFAULT_TARGETS,
         )
     )
 

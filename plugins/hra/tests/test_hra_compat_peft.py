@@ -369,11 +369,10 @@ def test_odd_r_warns_in_both(peft):
 
 def test_default_targets_are_the_references(peft):
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_HRA_TARGET_MODULES_MAPPING as reference
+    from peft_core.plugins import get_registry
 
-    from peft_hra.default_targets import DEFAULT_TARGET_MODULES, DEFAULT_TARGET_REGEXES
-
-    ours: dict[str, Any] = {k: list(v) for k, v in DEFAULT_TARGET_MODULES.items()}
-    ours.update(DEFAULT_TARGET_REGEXES)
+    registered = get_registry().method("HRA").default_target_modules
+    ours: dict[str, Any] = {k: v if isinstance(v, str) else list(v) for k, v in registered.items()}
     assert ours == {k: (v if isinstance(v, str) else list(v)) for k, v in reference.items()}
 
 

@@ -10,13 +10,13 @@ from importlib.metadata import entry_points
 import pytest
 import torch
 from peft_core import PeftConfig, PeftModel, get_peft_model
+from peft_core.default_targets import LORA_STYLE_DEFAULT_TARGETS as DEFAULT_TARGET_MODULES
 from peft_core.errors import ConfigError, TargetModulesError
 from peft_core.plugins import get_registry
 from peft_core.registry import LayerContext
 from torch import nn
 
 from peft_hra import HRAConfig, plugin
-from peft_hra.default_targets import DEFAULT_TARGET_MODULES
 from peft_hra.layer import Conv2d, HRALayer, Linear
 from peft_hra.model import HRAModel
 

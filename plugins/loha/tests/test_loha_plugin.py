@@ -9,6 +9,7 @@ from importlib.metadata import entry_points
 import pytest
 import torch
 from peft_core import PeftModel, get_peft_model
+from peft_core.default_targets import LORA_STYLE_DEFAULT_TARGETS as DEFAULT_TARGET_MODULES
 from peft_core.errors import TargetModulesError
 from peft_core.layer import AdapterLayer
 from peft_core.plugins import get_registry
@@ -16,7 +17,6 @@ from peft_core.registry import LayerContext
 from torch import nn
 
 from peft_loha import LoHaConfig, plugin
-from peft_loha.default_targets import DEFAULT_TARGET_MODULES
 from peft_loha.layer import Conv1d, Conv2d, Linear, LoHaLayer
 from peft_loha.model import LoHaModel
 

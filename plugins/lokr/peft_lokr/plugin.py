@@ -6,6 +6,7 @@ another plugin can add LoKr for a new layer type with a factory of higher priori
 
 from __future__ import annotations
 
+from peft_core.default_targets import LORA_STYLE_DEFAULT_TARGETS
 from peft_core.delta_layer import CONV1D, CONV2D, LINEAR, layer_kind
 from peft_core.hookspecs import hookimpl
 from peft_core.layer import AdapterLayer
@@ -13,7 +14,6 @@ from peft_core.registry import Capabilities, LayerContext, LayerFactory, MethodS
 from torch import nn
 
 from peft_lokr.config import LoKrConfig
-from peft_lokr.default_targets import DEFAULT_TARGET_MODULES
 from peft_lokr.layer import LAYER_TYPES, LoKrLayer
 from peft_lokr.model import LoKrModel
 
@@ -61,7 +61,7 @@ def peft_register_methods(registry: Registry) -> None:
             model_cls=LoKrModel,
             prefix="lokr_",
             capabilities=Capabilities(mergeable=True, mixable=True, identity_init=True),
-            default_target_modules=DEFAULT_TARGET_MODULES,
+            default_target_modules=LORA_STYLE_DEFAULT_TARGETS,
         )
     )
 

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
 from peft_core.config import PeftConfig
 from peft_core.errors import ConfigError
 from peft_core.tuner import AdapterModel
-
-from peft_lora.default_targets import DEFAULT_TARGET_REGEXES
 
 __all__ = ["LoraModel"]
 
@@ -24,17 +21,9 @@ def _mutates_base(config: PeftConfig) -> bool:
 class LoraModel(AdapterModel):
     """Injects LoRA layers; see :class:`peft_core.tuner.AdapterModel` for the API.
 
-    LoRA-specific behaviour: regex default targets for some model types, at most one adapter
-    training biases, and random inits skipped when loading a checkpoint (PiSSA/OLoRA run again,
+    LoRA-specific behaviour: at most one adapter training biases, and random inits skipped when loading a checkpoint (PiSSA/OLoRA run again,
     as in the reference, since the adapter only fits the residual base they produce).
     """
-
-    def _prepare_adapter_config(self, config: PeftConfig, model_config: dict[str, Any]) -> PeftConfig:
-        if getattr(config, "target_modules", None) is None:
-            regex = DEFAULT_TARGET_REGEXES.get(model_config.get("model_type") or "")
-            if regex is not None:
-                return config.copy(target_modules=regex)
-        return super()._prepare_adapter_config(config, model_config)
 
     def _validate_new_adapter(self, config: PeftConfig) -> None:
         with_bias = [name for name, c in self.peft_config.items() if getattr(c, "bias", "none") != "none"]

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import warnings
 
+from peft_core.default_targets import LORA_STYLE_DEFAULT_TARGETS
 from peft_core.hookspecs import hookimpl
 from peft_core.layer import AdapterLayer
 from peft_core.registry import Capabilities, LayerContext, MethodSpec, Registry
 from torch import nn
 
 from peft_lora.config import LoraConfig
-from peft_lora.default_targets import DEFAULT_TARGET_MODULES
 from peft_lora.layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer, is_transformers_conv1d
 from peft_lora.model import LoraModel
 
@@ -121,7 +121,7 @@ def peft_register_methods(registry: Registry) -> None:
             model_cls=LoraModel,
             prefix="lora_",
             capabilities=Capabilities(mergeable=True, mixable=True, identity_init=True),
-            default_target_modules=DEFAULT_TARGET_MODULES,
+            default_target_modules=LORA_STYLE_DEFAULT_TARGETS,
         )
     )
 

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from peft_core import PeftModel, get_peft_model
+from peft_core.default_targets import LORA_STYLE_DEFAULT_TARGETS as DEFAULT_TARGET_MODULES
 from peft_core.errors import ConfigError, TargetModulesError
 from peft_core.layer import AdapterLayer
 from peft_core.plugins import get_registry
@@ -16,7 +17,6 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peft_lora import LoraConfig, plugin
-from peft_lora.default_targets import DEFAULT_TARGET_MODULES
 from peft_lora.layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer
 from peft_lora.model import LoraModel
 

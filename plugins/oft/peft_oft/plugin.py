@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import warnings
 
+from peft_core.default_targets import LORA_STYLE_DEFAULT_TARGETS
 from peft_core.hookspecs import hookimpl
 from peft_core.layer import AdapterLayer
 from peft_core.registry import Capabilities, LayerContext, MethodSpec, Registry
 from torch import nn
 
 from peft_oft.config import OFTConfig
-from peft_oft.default_targets import DEFAULT_TARGET_MODULES
 from peft_oft.layer import Conv2d, Embedding, Linear, OFTLayer
 from peft_oft.model import OFTModel
 
@@ -99,7 +99,7 @@ def peft_register_methods(registry: Registry) -> None:
             model_cls=OFTModel,
             prefix="oft_",
             capabilities=Capabilities(mergeable=True, mixable=True, identity_init=True),
-            default_target_modules=DEFAULT_TARGET_MODULES,
+            default_target_modules=LORA_STYLE_DEFAULT_TARGETS,
         )
     )
 

@@ -23,7 +23,6 @@ from peft_core.config import PeftConfig
 from peft_core.errors import ConfigError, TargetModulesError
 from peft_core.tuner import AdapterModel
 
-from peft_vera.default_targets import DEFAULT_TARGET_REGEXES
 from peft_vera.layer import VeraLayer
 from peft_vera.projections import BufferDict, generate_projections
 from peft_vera.serialization import install_model_level_state_items
@@ -37,13 +36,6 @@ class VeraModel(AdapterModel):
     """Injects VeRA layers and manages their shared projections; see :class:`peft_core.tuner.AdapterModel`."""
 
     # ------------------------------------------------------------------ config
-    def _prepare_adapter_config(self, config: PeftConfig, model_config: dict[str, Any]) -> PeftConfig:
-        if getattr(config, "target_modules", None) is None:
-            regex = DEFAULT_TARGET_REGEXES.get(model_config.get("model_type") or "")
-            if regex is not None:
-                return config.copy(target_modules=regex)
-        return super()._prepare_adapter_config(config, model_config)
-
     def _validate_new_adapter(self, config: PeftConfig) -> None:
         for name, existing in self.peft_config.items():
             if existing.projection_prng_key != config.projection_prng_key:

@@ -16,7 +16,7 @@ from peft_core.registry import Capabilities, LayerContext, MethodSpec, Registry
 from torch import nn
 
 from peft_vera.config import VeraConfig
-from peft_vera.default_targets import DEFAULT_TARGET_MODULES
+from peft_vera.default_targets import DEFAULT_TARGET_MODULES, DEFAULT_TARGET_REGEXES
 from peft_vera.layer import Linear, VeraLayer, is_transformers_conv1d
 from peft_vera.model import VeraModel
 
@@ -89,7 +89,7 @@ def peft_register_methods(registry: Registry) -> None:
             # frozen projection buffers (vera_A, vera_B) never train either way.
             prefix="vera_",
             capabilities=Capabilities(mergeable=True, identity_init=True),
-            default_target_modules=DEFAULT_TARGET_MODULES,
+            default_target_modules={**DEFAULT_TARGET_MODULES, **DEFAULT_TARGET_REGEXES},
         )
     )
 

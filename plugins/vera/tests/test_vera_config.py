@@ -14,7 +14,7 @@ from peft_core.registry import LayerContext
 from torch import nn
 
 from peft_vera import VeraConfig, plugin
-from peft_vera.default_targets import DEFAULT_TARGET_MODULES
+from peft_vera.default_targets import DEFAULT_TARGET_MODULES, DEFAULT_TARGET_REGEXES
 from peft_vera.layer import Linear, VeraLayer
 from peft_vera.model import VeraModel
 
@@ -143,7 +143,7 @@ def test_registered_method_spec():
     assert spec.prefix == "vera_" and spec.plugin
     caps = spec.capabilities
     assert caps.mergeable and caps.identity_init and not caps.prompt_learning and not caps.mixable
-    assert dict(spec.default_target_modules) == DEFAULT_TARGET_MODULES
+    assert dict(spec.default_target_modules) == {**DEFAULT_TARGET_MODULES, **DEFAULT_TARGET_REGEXES}
 
 
 def test_entry_point_is_declared():

@@ -1,19 +1,23 @@
-"""Modules HRA adapts by default, per transformers ``model_type``, when ``target_modules`` is None.
+"""Default target modules per transformers ``model_type``, for configs without ``target_modules``.
 
-The reference library uses its LoRA defaults for HRA (``TRANSFORMERS_MODELS_TO_HRA_TARGET_MODULES_MAPPING``
-is a copy of the LoRA mapping); they are repeated here so that this plugin needs no other plugin,
-and a config without ``target_modules`` adapts the same modules in both libraries.
+The reference library keeps one such table for LoRA and uses it for LoHa, LoKr, OFT, BOFT and
+HRA as well; methods that follow it register :data:`LORA_STYLE_DEFAULT_TARGETS` as their
+``MethodSpec.default_target_modules``, so a config without ``target_modules`` adapts the same
+modules in both libraries. A value is a tuple of module names (matched as dotted-name suffixes)
+or a regex over full module names.
 """
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_TARGET_MODULES", "DEFAULT_TARGET_REGEXES"]
+from collections.abc import Mapping
+
+__all__ = ["LORA_STYLE_DEFAULT_TARGETS"]
 
 _QV_PROJ = ("q_proj", "v_proj")
 _QUERY_VALUE = ("query", "value")
 _QKV_FUSED = ("query_key_value",)
 
-DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
+_NAMES: dict[str, tuple[str, ...]] = {
     "t5": ("q", "v"),
     "mt5": ("q", "v"),
     "bart": _QV_PROJ,
@@ -54,10 +58,12 @@ DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
     "rwkv": ("key", "value", "receptance", "output"),
     "rwkv7": ("r_proj", "k_proj", "v_proj", "o_proj", "key", "value"),
 }
-"""Lists of module names (matched as dotted-name suffixes)."""
 
-DEFAULT_TARGET_REGEXES: dict[str, str] = {
+_REGEXES: dict[str, str] = {
     # multimodal: only the language model's attention, not the vision tower's
     "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
 }
-"""Model types whose defaults are a regex over full module names."""
+
+LORA_STYLE_DEFAULT_TARGETS: Mapping[str, tuple[str, ...] | str] = {**_NAMES, **_REGEXES}
+"""The reference's LoRA defaults: names per model type, and a regex where names cannot say it
+(a multimodal model's language tower only)."""
