@@ -23,7 +23,9 @@ PYTEST = ("pytest", "-p", "no:cacheprovider")
 
 
 def _install(session: nox.Session, *args: str) -> None:
-    session.install(*CONSTRAINTS, *args)
+    # No bytecode compilation at install: compiling all of torch and transformers doubles the install
+    # time of every environment, while tests import a small part of them (compiled on first import).
+    session.install("--no-compile", *CONSTRAINTS, *args)
 
 
 def _workers(session: nox.Session) -> tuple[str, ...]:
