@@ -252,6 +252,15 @@ class AdapterLayer(nn.Module):
                 ckpt_suffix = attr + (f".{ckpt_rest}" if ckpt_rest else "")
                 yield model_suffix, ckpt_suffix, tensor
 
+    def load_adapter_tensor(self, model_suffix: str, saved: torch.Tensor, value: torch.Tensor) -> None:
+        """Write checkpoint tensor ``value`` where :meth:`adapter_state_items` found ``saved``.
+
+        The default copies into ``saved``, the live tensor. A layer that saves derived copies
+        (AdaLoRA saves only the triplets its rank allocator kept) overrides this to write into the
+        tensors the copies came from. Shapes were checked against ``saved`` before any write.
+        """
+        saved.copy_(value.to(device=saved.device, dtype=saved.dtype))
+
     # ------------------------------------------------------------------ helpers for subclasses
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str) -> None:
         """Put ``adapter_name``'s tensors on the base weight's device (and float dtype)."""

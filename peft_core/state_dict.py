@@ -4,12 +4,14 @@ Checkpoint keys are model keys without the adapter name (``q.lora_A.default.weig
 ``q.lora_A.weight``) and with each ``modules_to_save`` copy stored under the wrapped module's own
 name (``classifier.modules_to_save.default.weight`` -> ``classifier.weight``), exactly as the
 reference library writes them. Both directions come from one enumeration of the model's adapter
-tensors, so saving and loading cannot drift apart.
+tensors (layers, ``modules_to_save`` copies, and model-level tensors of the adapter models), so
+saving and loading cannot drift apart.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -18,6 +20,7 @@ from torch import nn
 from peft_core.errors import CheckpointShapeError
 from peft_core.layer import AdapterLayer
 from peft_core.modules_to_save import ModulesToSaveWrapper
+from peft_core.tuner import AdapterModel
 
 __all__ = ["LoadResult", "get_peft_model_state_dict", "set_peft_model_state_dict"]
 
@@ -37,17 +40,36 @@ def _configs(model: nn.Module) -> dict[str, Any]:
     return configs or {}
 
 
-def _adapter_entries(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, str, torch.Tensor]]:
-    """``(model_key, checkpoint_key, tensor)`` for every tensor that belongs to ``adapter_name``."""
+Writer = Callable[[torch.Tensor], None]
+
+
+def _copy_into(tensor: torch.Tensor) -> Writer:
+    return lambda value: tensor.copy_(value.to(device=tensor.device, dtype=tensor.dtype))
+
+
+def _adapter_entries(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, str, torch.Tensor, Writer]]:
+    """``(model_key, checkpoint_key, tensor, writer)`` for every tensor that belongs to ``adapter_name``.
+
+    ``tensor`` is what is saved; ``writer(value)`` loads a checkpoint value in its place.
+    """
     for path, module in model.named_modules():
         prefix = f"{path}." if path else ""
         if isinstance(module, AdapterLayer):
             for model_suffix, ckpt_suffix, tensor in module.adapter_state_items(adapter_name):
-                yield prefix + model_suffix, prefix + ckpt_suffix, tensor
+                writer = functools.partial(module.load_adapter_tensor, model_suffix, tensor)
+                yield prefix + model_suffix, prefix + ckpt_suffix, tensor, writer
         elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             copy = module.modules_to_save[adapter_name]
             for rest, tensor in copy.state_dict(keep_vars=True).items():
-                yield f"{prefix}modules_to_save.{adapter_name}.{rest}", prefix + rest, tensor
+                yield (
+                    f"{prefix}modules_to_save.{adapter_name}.{rest}",
+                    prefix + rest,
+                    tensor,
+                    _copy_into(tensor),
+                )
+        elif isinstance(module, AdapterModel):
+            for model_suffix, ckpt_suffix, tensor in module.adapter_state_items(adapter_name):
+                yield prefix + model_suffix, prefix + ckpt_suffix, tensor, _copy_into(tensor)
 
 
 def _bias_entries(model: nn.Module, config: Any) -> Iterator[tuple[str, str, torch.Tensor]]:
@@ -103,7 +125,7 @@ def get_peft_model_state_dict(
     """
     config = _configs(model).get(adapter_name)
     result: dict[str, torch.Tensor] = {}
-    for model_key, ckpt_key, tensor in _adapter_entries(model, adapter_name):
+    for model_key, ckpt_key, tensor, _ in _adapter_entries(model, adapter_name):
         result[ckpt_key] = (
             state_dict[model_key] if state_dict is not None and model_key in state_dict else tensor
         )
@@ -119,18 +141,20 @@ def get_peft_model_state_dict(
     return {k: v.detach() for k, v in result.items()}
 
 
-def _checkpoint_to_model_keys(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, torch.Tensor]]:
-    mapping: dict[str, tuple[str, torch.Tensor]] = {}
+def _checkpoint_to_model_keys(
+    model: nn.Module, adapter_name: str
+) -> dict[str, tuple[str, torch.Tensor, Writer]]:
+    mapping: dict[str, tuple[str, torch.Tensor, Writer]] = {}
     config = _configs(model).get(adapter_name)
     entries = list(_adapter_entries(model, adapter_name))
     if config is not None:
-        entries += list(_bias_entries(model, config))
-    for model_key, ckpt_key, tensor in entries:
+        entries += [(m, c, t, _copy_into(t)) for m, c, t in _bias_entries(model, config)]
+    for model_key, ckpt_key, tensor, writer in entries:
         # First come, first kept: an adapter's own tensors win over a bias entry with the same key.
-        mapping.setdefault(ckpt_key, (model_key, tensor))
+        mapping.setdefault(ckpt_key, (model_key, tensor, writer))
         # A checkpoint always carries the PeftModel prefix; a bare injected model does not.
         if not ckpt_key.startswith(PEFT_PREFIX):
-            mapping.setdefault(PEFT_PREFIX + ckpt_key, (model_key, tensor))
+            mapping.setdefault(PEFT_PREFIX + ckpt_key, (model_key, tensor, writer))
     return mapping
 
 
@@ -147,7 +171,7 @@ def set_peft_model_state_dict(
     the model as it was. With ``ignore_mismatched_sizes`` mismatched keys are skipped instead.
     """
     mapping = _checkpoint_to_model_keys(model, adapter_name)
-    plan: list[tuple[torch.Tensor, torch.Tensor]] = []
+    plan: list[tuple[Writer, torch.Tensor]] = []
     unexpected: list[str] = []
     loaded_model_keys: set[str] = set()
     for key, value in peft_model_state_dict.items():
@@ -155,7 +179,7 @@ def set_peft_model_state_dict(
         if target is None:
             unexpected.append(key)
             continue
-        model_key, tensor = target
+        model_key, tensor, writer = target
         if tuple(tensor.shape) != tuple(value.shape):
             if ignore_mismatched_sizes:
                 unexpected.append(key)
@@ -165,10 +189,10 @@ def set_peft_model_state_dict(
                 f"has shape {tuple(tensor.shape)}. The adapter was trained with different settings (rank, "
                 "target modules or base model) than the config describes; check adapter_config.json."
             )
-        plan.append((tensor, value))
+        plan.append((writer, value))
         loaded_model_keys.add(model_key)
     with torch.no_grad():
-        for tensor, value in plan:
-            tensor.copy_(value.to(device=tensor.device, dtype=tensor.dtype))
-    missing = sorted({model_key for model_key, _ in mapping.values()} - loaded_model_keys)
+        for writer, value in plan:
+            writer(value)
+    missing = sorted({model_key for model_key, _, _ in mapping.values()} - loaded_model_keys)
     return LoadResult(missing_keys=missing, unexpected_keys=unexpected)

@@ -550,6 +550,16 @@ class AdapterModel(nn.Module):
         }
         return config.copy(**{k: v for k, v in changes.items() if hasattr(config, k)})
 
+    # ------------------------------------------------------------------ serialization
+    def adapter_state_items(self, adapter_name: str) -> Iterator[tuple[str, str, torch.Tensor]]:
+        """``(model_suffix, checkpoint_suffix, tensor)`` of ``adapter_name``'s model-level tensors.
+
+        Most methods keep every tensor in their layers (:meth:`AdapterLayer.adapter_state_items`);
+        a method with tensors shared across layers (VeRA's projections) yields them here, with
+        suffixes relative to this module, and the core saves and loads them with the layers' ones.
+        """
+        return iter(())
+
     # ------------------------------------------------------------------ forward
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)

@@ -61,35 +61,9 @@ def pattern_mask(
     return None
 
 
-class _KeptTriplets(torch.Tensor):
-    """The kept rows (``lora_A``, ``lora_E``) or columns (``lora_B``) of a factor, as a copy.
-
-    This is what a layer whose triplets were pruned in place (zeroed ``lora_E``) saves, so the
-    checkpoint has the pruned shapes, as in the reference. The same enumeration is used to load
-    checkpoints, so writing into the copy writes the kept part of the factor too: a pruned
-    checkpoint loaded into a still full-size layer lands where it belongs.
-    """
-
-    # Operations on the copy give plain tensors (e.g. ``detach()`` when a state dict is built).
-    __torch_function__ = torch._C._disabled_torch_function_impl
-
-    _factor: torch.Tensor
-    _dim: int
-    _index: torch.Tensor
-
-    @staticmethod
-    def of(factor: torch.Tensor, dim: int, keep: torch.Tensor) -> _KeptTriplets:
-        index = keep.nonzero().view(-1).to(factor.device)
-        with torch.no_grad():
-            data = factor.detach().index_select(dim, index)
-        view = torch.Tensor._make_subclass(_KeptTriplets, data, False)
-        view._factor, view._dim, view._index = factor, dim, index
-        return view
-
-    def copy_(self, src: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:  # type: ignore[override]
-        with torch.no_grad():
-            self._factor.index_copy_(self._dim, self._index, src.to(self._factor))
-        return torch.Tensor.copy_(self, src, non_blocking)
+def _triplet_dim(model_suffix: str) -> int:
+    """The dimension that indexes the triplets: ``lora_B``'s columns, ``lora_A``'s and ``lora_E``'s rows."""
+    return 1 if model_suffix.startswith("lora_B.") else 0
 
 
 class AdaLoraLayer(AdapterLayer):
@@ -223,13 +197,27 @@ class AdaLoraLayer(AdapterLayer):
 
     # ------------------------------------------------------------------ serialization
     def adapter_state_items(self, adapter_name: str) -> Iterable[tuple[str, str, torch.Tensor]]:
-        """The adapter's tensors; of a layer pruned in place, only the kept triplets (as the reference saves)."""
+        """The adapter's tensors; of a layer pruned in place, copies of the kept triplets only.
+
+        The checkpoint then has the pruned shapes, as the reference saves them;
+        :meth:`load_adapter_tensor` writes such a checkpoint back into the kept triplets.
+        """
         keep = self._kept(adapter_name)
         for model_suffix, ckpt_suffix, tensor in super().adapter_state_items(adapter_name):
             if keep is not None:
-                dim = 1 if model_suffix.startswith("lora_B.") else 0
-                tensor = _KeptTriplets.of(tensor, dim, keep)
+                index = keep.nonzero().view(-1).to(tensor.device)
+                tensor = tensor.detach().index_select(_triplet_dim(model_suffix), index)
             yield model_suffix, ckpt_suffix, tensor
+
+    def load_adapter_tensor(self, model_suffix: str, saved: torch.Tensor, value: torch.Tensor) -> None:
+        attr, adapter_name = model_suffix.split(".")[:2]
+        keep = self._kept(adapter_name)
+        if keep is None:
+            super().load_adapter_tensor(model_suffix, saved, value)
+            return
+        live = getattr(self, attr)[adapter_name]
+        index = keep.nonzero().view(-1).to(live.device)
+        live.index_copy_(_triplet_dim(model_suffix), index, value.to(device=live.device, dtype=live.dtype))
 
     def _kept(self, adapter_name: str) -> torch.Tensor | None:
         mask = self.rank_mask.get(adapter_name)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from peft_core.config import PeftConfig
@@ -25,7 +24,6 @@ from peft_core.tuner import AdapterModel
 
 from peft_vera.layer import VeraLayer
 from peft_vera.projections import BufferDict, generate_projections
-from peft_vera.serialization import install_model_level_state_items
 
 __all__ = ["VeraModel"]
 
@@ -59,7 +57,6 @@ class VeraModel(AdapterModel):
 
     # ------------------------------------------------------------------ injection
     def inject_adapter(self, adapter_name: str, config: PeftConfig, *, loading: bool = False) -> None:
-        install_model_level_state_items()  # before any VeRA checkpoint can be written or read
         super().inject_adapter(adapter_name, config, loading=loading)
         try:
             self._share_projections(adapter_name)
@@ -141,11 +138,6 @@ class VeraModel(AdapterModel):
         self._drop_projections(adapter_name)
 
     # ------------------------------------------------------------------ serialization
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        # A model unpickled (or deep-copied) in a fresh process never ran inject_adapter.
-        install_model_level_state_items()
-        super().__setstate__(state)
-
     def adapter_state_items(self, adapter_name: str) -> Iterator[tuple[str, str, torch.Tensor]]:
         """``(model_suffix, checkpoint_suffix, tensor)`` of the model-level tensors of ``adapter_name``.
 

@@ -17,7 +17,6 @@ from torch import nn
 from peft_vera import VeraConfig
 from peft_vera.layer import Linear, VeraLayer
 from peft_vera.projections import BufferDict, generate_projections
-from peft_vera.serialization import install_model_level_state_items, model_level_entries
 
 
 class MLP(nn.Module):
@@ -315,19 +314,17 @@ def test_layers_to_transform_selects_layer_indices():
     assert adapted == ["layers.1.0"]
 
 
-def test_state_dict_support_installs_once():
-    from peft_core import state_dict
-
-    install_model_level_state_items()
-    first = state_dict._adapter_entries
-    install_model_level_state_items()
-    assert state_dict._adapter_entries is first
+def test_the_core_saves_and_loads_the_model_level_projections():
     model, _ = make()
-    entries = list(model_level_entries(model, "default"))
-    assert [(m, c) for m, c, _ in entries] == [
-        ("base_model.vera_A.default", "base_model.vera_A"),
-        ("base_model.vera_B.default", "base_model.vera_B"),
+    assert [(m, c) for m, c, _ in model.base_model.adapter_state_items("default")] == [
+        ("vera_A.default", "vera_A"),
+        ("vera_B.default", "vera_B"),
     ]
+    saved = get_peft_model_state_dict(model)
+    assert {"base_model.vera_A", "base_model.vera_B"} <= set(saved)
+    zeros = {k: torch.zeros_like(v) for k, v in saved.items()}
+    set_peft_model_state_dict(model, zeros)
+    assert not model.base_model.vera_A["default"].any() and not model.base_model.vera_B["default"].any()
 
 
 def test_buffer_dict_persistence_follows_save_projection():
