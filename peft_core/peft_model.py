@@ -180,15 +180,19 @@ class PeftModel(nn.Module):
         adapters: list[str],
         weights: list[float],
         adapter_name: str,
-        combination_type: str = "linear",
+        combination_type: str | None = None,
         **options: Any,
     ) -> None:
         """Add ``adapter_name`` as a weighted combination of ``adapters`` (inactive until set_adapter).
 
         ``combination_type`` names a registered combination strategy (``peft-core plugins`` lists
-        them); an existing ``adapter_name`` is an error rather than a silent no-op.
+        them) or a type of the method's own (LoRA's ``cat``, ``svd``); None takes the method's
+        default (``svd`` for LoRA, as in the reference). An existing ``adapter_name`` is an error
+        rather than a silent no-op.
         """
-        self.base_model.add_weighted_adapter(adapters, weights, adapter_name, combination_type, **options)
+        if combination_type is not None:
+            options["combination_type"] = combination_type
+        self.base_model.add_weighted_adapter(adapters, weights, adapter_name, **options)
 
     # ------------------------------------------------------------------ parameters
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

@@ -198,6 +198,7 @@ class AdapterModel(nn.Module):
             raise ValueError(
                 f"An adapter named {adapter_name!r} already exists; delete it or pick another name."
             )
+        _check_adapter_name(adapter_name)
         spec = get_registry().method(config.peft_type or "")
         if spec.peft_type != self.spec.peft_type:
             raise ConfigError(
@@ -521,17 +522,24 @@ class AdapterModel(nn.Module):
                 owners.append((wrapper, holders[0]))
         return owners
 
+    def _check_combination(self, adapters: list[str], combination_type: str, options: dict[str, Any]) -> None:
+        """Refuse a combination this method cannot make, before anything changes.
+
+        The default knows the registry's strategies, applied tensor by tensor; a method with
+        combination types of its own (LoRA's ``cat`` and ``*_svd``) overrides this.
+        """
+        get_registry().combination_strategy(combination_type)
+
     def _weighted_adapter_config(
         self, adapters: list[str], combination_type: str, options: dict[str, Any]
     ) -> PeftConfig:
         """The combined adapter's config: the first source's, on exactly the modules any source adapts.
 
         Naming the modules one by one reproduces the sources' targets whatever their selection
-        rules were (regexes, exclusions, layer filters). This is also where a request is refused
-        before anything changes: the default knows the registry's strategies, combined tensor by
-        tensor. Methods with other per-module choices or combination types extend this.
+        rules were (regexes, exclusions, layer filters). Methods with other per-module choices
+        (ranks, ...) extend this.
         """
-        get_registry().combination_strategy(combination_type)
+        self._check_combination(adapters, combination_type, options)
         keys = sorted(
             key
             for key, layer in self.named_adapter_layers()
@@ -563,6 +571,17 @@ class AdapterModel(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
+
+
+def _check_adapter_name(adapter_name: str) -> None:
+    """Refuse names that cannot be keys of the per-adapter ``nn.ModuleDict``/``nn.ParameterDict``."""
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"Adapter names must be non-empty strings without dots, got {adapter_name!r}.")
+    if hasattr(nn.ModuleDict(), adapter_name) or hasattr(nn.ParameterDict(), adapter_name):
+        raise ValueError(
+            f"The adapter name {adapter_name!r} is also the name of a torch.nn.Module attribute or method, so the "
+            "per-adapter containers cannot hold it; choose another name."
+        )
 
 
 def _is_layer_of(layer: AdapterLayer, spec: MethodSpec) -> bool:

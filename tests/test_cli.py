@@ -156,7 +156,7 @@ def test_json_reports_each_plugin_with_its_contributions_and_hooks(entry_points,
         FakeEntryPoint(
             "fake",
             lambda: plugin_module(
-                "fake_mod", factories=("CLIFAKE",), strategies=("ties",), converters=("kohya",)
+                "fake_mod", factories=("CLIFAKE",), strategies=("breadcrumbs",), converters=("kohya",)
             ),
             FakeDist("peft-fake", "2.1"),
         )
@@ -177,7 +177,7 @@ def test_json_reports_each_plugin_with_its_contributions_and_hooks(entry_points,
         "contributions": {
             "methods": ["CLIFAKE"],
             "layer_factories": ["CLIFAKE"],
-            "combination_strategies": ["ties"],
+            "combination_strategies": ["breadcrumbs"],
             "state_dict_converters": ["kohya"],
         },
         "hooks": [

@@ -399,3 +399,11 @@ def test_adapters_added_while_disabled_stay_disabled():
     torch.testing.assert_close(model(X), expected, rtol=0, atol=0)
     model.base_model.enable_adapter_layers()
     assert not torch.allclose(model(X), expected)
+
+
+@pytest.mark.parametrize("name", ["half", "copy", "to", "a.b", ""])
+def test_adapter_names_that_cannot_be_container_keys_are_refused(name):
+    model = get_peft_model(mlp(), toy(), "default")
+    with pytest.raises(ValueError, match="choose another name|without dots"):
+        model.add_adapter(name, toy())
+    assert list(model.peft_config) == ["default"]

@@ -28,6 +28,7 @@ from peft_core.layer import AdapterLayer
 from peft_core.targeting import pattern_value
 from torch import nn
 
+from peft_lora.combination import combine_into
 from peft_lora.config import LoraConfig
 from peft_lora.dora import DoraMagnitude, conv_weight_norm, linear_weight_norm
 from peft_lora.init import olora_init, pissa_init
@@ -185,6 +186,22 @@ class LoraLayer(AdapterLayer):
                 self.scaling[name] = (
                     self._initial_scaling(name) if scale is None else self.scaling[name] / scale
                 )
+
+    # ------------------------------------------------------------------ combining
+    def combine_adapters(
+        self, target: str, sources: list[str], weights: list[float], combination_type: str, **options: Any
+    ) -> None:
+        """Write ``target`` from ``sources`` (see :mod:`peft_lora.combination` for the types)."""
+        held = [(s, w) for s, w in zip(sources, weights) if self.has_adapter(s)]
+        combine_into(self, target, held, combination_type, options)
+
+    def factor_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)``: the tensors of ``lora_A``/``lora_B`` (rank on A's first, B's second dimension)."""
+        return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+
+    def delta_as_matrix(self, delta: torch.Tensor) -> torch.Tensor:
+        """A delta in the base weight's layout as the (out, in) matrix ``B @ A`` factors."""
+        return _transpose(delta, self.fan_in_fan_out)
 
     # ------------------------------------------------------------------ merging
     def _check_mergeable(self, adapter_name: str) -> None:
@@ -528,6 +545,12 @@ class Embedding(LoraLayer):
         norm = linear_weight_norm(base_weight, lora_weight, self.scaling[adapter_name])
         self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm)
 
+    def factor_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+
+    def delta_as_matrix(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.T  # the base weight is (num_embeddings, embedding_dim); B @ A is its transpose
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``scaling * (B @ A)^T``: (num_embeddings, embedding_dim) like the base weight."""
         weight_A = self.lora_embedding_A[adapter_name]
@@ -716,6 +739,9 @@ class _ConvNd(LoraLayer):
         base_weight = self.get_base_layer().weight.to(weight_A.device)
         norm = conv_weight_norm(base_weight, lora_weight, self.scaling[adapter_name])
         self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm)
+
+    def delta_as_matrix(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.flatten(1)  # (out, in * kernel): lora_B is (out, r, 1...), lora_A (r, in, kernel...)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``scaling`` times the kernel equivalent to ``lora_B(lora_A(.))``."""

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 from peft_core.config import PeftConfig
 from peft_core.errors import ConfigError
 from peft_core.tuner import AdapterModel
+
+from peft_lora.combination import CAT, FACTORS, SVD, parse_combination, split_options
 
 __all__ = ["LoraModel"]
 
@@ -51,3 +54,73 @@ class LoraModel(AdapterModel):
         if init is True or str(init).lower().startswith(("pissa", "olora")):
             return config
         return config.copy(init_lora_weights=True)
+
+    # ------------------------------------------------------------------ add_weighted_adapter
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        **options: Any,
+    ) -> None:
+        """Add ``adapter_name`` combining ``adapters``; the types are in :mod:`peft_lora.combination`.
+
+        ``svd`` is the default, as in the reference. A single source is copied with its weight
+        folded in, whatever the type (as in the reference, which ignores the type there).
+        """
+        if len(adapters) == 1:
+            combination_type, options = "linear", {}
+        super().add_weighted_adapter(adapters, weights, adapter_name, combination_type, **options)
+
+    def _source_ranks(self, adapters: list[str]) -> dict[str, list[int]]:
+        """Each source adapter's ranks, over the layers that hold it."""
+        ranks: dict[str, list[int]] = {a: [] for a in adapters}
+        for layer in self.adapter_layers():
+            for name in adapters:
+                if name in layer.r:
+                    ranks[name].append(layer.r[name])
+        return ranks
+
+    def _check_combination(self, adapters: list[str], combination_type: str, options: dict[str, Any]) -> None:
+        kind, _ = parse_combination(combination_type)
+        split_options(kind, options)
+        for name in adapters:
+            config = self.peft_config[name]
+            if config.use_dora or config.lora_bias:
+                option = "use_dora" if config.use_dora else "lora_bias"
+                raise ValueError(
+                    f"Adapter {name!r} has {option}=True, which add_weighted_adapter cannot combine (its extra "
+                    "tensors have no weighted sum); merge it into the base instead, or combine plain LoRA adapters."
+                )
+        if kind == FACTORS:
+            distinct = sorted({r for ranks in self._source_ranks(adapters).values() for r in ranks})
+            if len(distinct) > 1:
+                raise ValueError(
+                    f"combination_type={combination_type!r} combines the factors themselves, so every source adapter "
+                    f"needs the same rank on every layer, got ranks {distinct}. Use 'cat' or 'svd' (or "
+                    f"'{combination_type}_svd') for adapters of different ranks."
+                )
+
+    def _weighted_adapter_config(
+        self, adapters: list[str], combination_type: str, options: dict[str, Any]
+    ) -> PeftConfig:
+        kind, _ = parse_combination(combination_type)
+        config = super()._weighted_adapter_config(adapters, combination_type, options)
+        largest = [max(ranks, default=0) for ranks in self._source_ranks(adapters).values()]
+        if kind == CAT:
+            rank = sum(largest)
+        elif kind == SVD:
+            rank = options.get("svd_rank") or max(largest)
+        else:
+            rank = max(largest)
+        # Scaling 1: the sources' scalings are folded into the combined factors. The default init
+        # (never PiSSA/OLoRA, which would rewrite the base weights) is overwritten anyway.
+        return config.copy(
+            r=rank,
+            lora_alpha=rank,
+            use_rslora=False,
+            rank_pattern={},
+            alpha_pattern={},
+            init_lora_weights=True,
+        )

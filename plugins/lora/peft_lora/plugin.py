@@ -120,7 +120,9 @@ def peft_register_methods(registry: Registry) -> None:
             config_cls=LoraConfig,
             model_cls=LoraModel,
             prefix="lora_",
-            capabilities=Capabilities(mergeable=True, mixable=True, identity_init=True),
+            capabilities=Capabilities(
+                mergeable=True, mixable=True, identity_init=True, weighted_combination=True
+            ),
             default_target_modules=LORA_STYLE_DEFAULT_TARGETS,
         )
     )
