@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import pytest
 import torch
 from attrs import frozen
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -508,11 +508,17 @@ class MethodConformance:
 
     @_hypothesis_check
     def test_training_steps_lower_the_loss(self, data: st.DataObject) -> None:
-        """A few Adam steps from the default init lower a regression loss, training only the adapter."""
+        """A few Adam steps from the default init lower a reachable regression loss, training only the adapter."""
         s = self._setup(data, identity=True, dtype=torch.float32)
+        # The target is what the same adapter gives with perturbed parameters, so the method can reach
+        # it: a loss it cannot lower then means broken gradients, not a target outside its reach.
+        teacher = copy.deepcopy(s.model)
+        generator = torch.Generator().manual_seed(s.seed)
         with torch.no_grad():
-            base_out = _forward(s.base, s.inputs)
-            target = base_out + torch.randn(base_out.shape, generator=torch.Generator().manual_seed(s.seed))
+            for param in teacher.parameters():
+                if param.requires_grad:
+                    param.add_(torch.randn(param.shape, generator=generator).to(param))
+        target = _forward(teacher.eval(), s.inputs).float()
 
         def loss_of(model: nn.Module) -> torch.Tensor:
             return (model_output(model(**s.inputs)).float() - target).pow(2).mean()
@@ -520,10 +526,14 @@ class MethodConformance:
         frozen = {n: p.detach().clone() for n, p in s.model.named_parameters() if not p.requires_grad}
         with torch.no_grad():
             initial = loss_of(s.model.eval()).item()
+        # A teacher within ~3% (RMS) of the student leaves too little to learn for Adam's fixed step
+        # (constrained methods such as COFT can barely move): such draws are not checked.
+        assume(initial > 1e-3 * target.pow(2).mean().item())
         optimizer = torch.optim.Adam([p for p in s.model.parameters() if p.requires_grad], lr=5e-3)
-        s.model.train()
+        # Steps in eval mode: this checks that gradients reach the adapter and descend; dropout's noise
+        # (up to half the modules dropped per step) could hide that in 20 steps.
         with torch.random.fork_rng():
-            torch.manual_seed(s.seed)  # dropout, if any, replays identically when hypothesis shrinks
+            torch.manual_seed(s.seed)
             for _ in range(_TRAINING_STEPS):
                 optimizer.zero_grad()
                 loss_of(s.model).backward()
