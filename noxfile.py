@@ -18,6 +18,7 @@ CONSTRAINTS = ("-c", str(ROOT / "constraints.txt"))
 PLUGINS = sorted(p.name for p in (ROOT / "plugins").iterdir() if (p / "pyproject.toml").exists())
 TEST_DEPS = ("pytest>=8", "hypothesis>=6.100", "pytest-xdist>=3")
 HF_DEPS = ("transformers==5.23.0",)
+TRAINER_DEPS = ("accelerate>=1.0",)  # transformers.Trainer needs it (tests/test_trainer.py)
 REFERENCE = ("peft==0.21.2",)  # the oracle for equivalence tests; never imported by library code
 PYTEST = ("pytest", "-p", "no:cacheprovider")
 
@@ -44,7 +45,18 @@ def lint(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """Core, toy-method, every plugin and the equivalence checks against the reference library."""
     plugin_args = [a for p in PLUGINS for a in ("-e", f"plugins/{p}")]
-    _install(session, "-e", ".", *plugin_args, "-e", "tests/toy_plugin", *TEST_DEPS, *HF_DEPS, *REFERENCE)
+    _install(
+        session,
+        "-e",
+        ".",
+        *plugin_args,
+        "-e",
+        "tests/toy_plugin",
+        *TEST_DEPS,
+        *HF_DEPS,
+        *TRAINER_DEPS,
+        *REFERENCE,
+    )
     env = {"HYPOTHESIS_PROFILE": "ci", "HF_HUB_OFFLINE": "1"}
     paths = ["tests", *[f"plugins/{p}/tests" for p in PLUGINS]]
     session.run(*PYTEST, *_workers(session), *paths, *session.posargs, env=env)
@@ -89,3 +101,11 @@ def docs(session: nox.Session) -> None:
     """Build the documentation site with warnings as errors."""
     _install(session, "-e", ".", "-e", "plugins/lora", "mkdocs>=1.6")
     session.run("mkdocs", "build", "--strict", "-f", "docs/mkdocs.yml", "-d", str(ROOT / "site"))
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Performance against the reference ``peft`` in one run: one JSON line per scenario (see benchmarks/)."""
+    plugin_args = [a for p in PLUGINS for a in ("-e", f"plugins/{p}")]
+    _install(session, "-e", ".", *plugin_args, *HF_DEPS, *REFERENCE)
+    session.run("python", "benchmarks/run_all.py", *session.posargs, env={"HF_HUB_OFFLINE": "1"})

@@ -8,6 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from peft_core.auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
 from peft_core.config import PeftConfig, TaskType
 from peft_core.errors import (
     AdapterLoadError,
@@ -18,7 +27,9 @@ from peft_core.errors import (
     TargetModulesError,
     UnknownMethodError,
 )
-from peft_core.mapping import get_peft_model, inject_adapter_in_model
+from peft_core.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
+from peft_core.mapping import get_peft_config, get_peft_model, inject_adapter_in_model
+from peft_core.mixed_model import PeftMixedModel
 from peft_core.peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -28,17 +39,26 @@ from peft_core.peft_model import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
+from peft_core.scaling import rescale_adapter_scale
 from peft_core.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterLoadError",
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
     "CheckpointShapeError",
     "ConfigError",
     "CorruptCheckpointError",
     "PeftConfig",
     "PeftCoreError",
+    "PeftMixedModel",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",
@@ -49,9 +69,13 @@ __all__ = [
     "TargetModulesError",
     "TaskType",
     "UnknownMethodError",
+    "get_peft_config",
     "get_peft_model",
     "get_peft_model_state_dict",
+    "hotswap_adapter",
     "inject_adapter_in_model",
+    "prepare_model_for_compiled_hotswap",
+    "rescale_adapter_scale",
     "set_peft_model_state_dict",
 ]
 

@@ -1,4 +1,11 @@
-"""The ``peft-core`` command line: ``peft-core plugins`` shows what is installed and why not.
+"""The ``peft-core`` command line.
+
+* ``plugins`` - what is installed and why not;
+* ``inspect PATH_OR_ID`` - what an adapter directory holds, and which plugin it needs;
+* ``merge ADAPTER OUT [--base BASE]`` - write the merged transformers model;
+* ``convert INITIAL TRAINED OUT`` - a PiSSA/OLoRA/CorDA adapter as the plain adapter for the original base.
+
+Every command takes ``--json`` for scripts.
 
 ``peft-core plugins`` loads the entry points of the ``peft_core`` group into a fresh plugin
 manager (honouring the same environment knobs as the library), so what it prints is exactly
@@ -64,6 +71,33 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fail (exit status 1) on the first plugin that cannot load or conflicts, like PEFT_CORE_STRICT=1",
     )
+    inspect = sub.add_parser(
+        "inspect",
+        help="describe an adapter: method, base model, targets, ranks, size, plugin needed",
+        description="Read an adapter directory (or Hub repo) without loading any model.",
+    )
+    inspect.add_argument("path", help="adapter directory or Hub repo id")
+    inspect.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    merge = sub.add_parser(
+        "merge",
+        help="merge an adapter into its base and save the result as a plain transformers model",
+        description="Load the base model (the adapter's base_model_name_or_path unless --base is given), apply the "
+        "adapter, merge it into the weights and save the model (and the adapter's tokenizer) to OUT.",
+    )
+    merge.add_argument("adapter", help="adapter directory or Hub repo id")
+    merge.add_argument("out", help="directory to write the merged model to")
+    merge.add_argument("--base", help="base model path or Hub id (default: the one the adapter names)")
+    merge.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    convert = sub.add_parser(
+        "convert",
+        help="turn a PiSSA/OLoRA/CorDA adapter into a plain one for the original base",
+        description="INITIAL is the adapter saved right after its initialisation, TRAINED the one after training; "
+        "OUT receives the equivalent adapter that loads on the original, unmodified base model.",
+    )
+    convert.add_argument("initial")
+    convert.add_argument("trained")
+    convert.add_argument("out")
+    convert.add_argument("--json", action="store_true", help="print machine-readable JSON")
     return parser
 
 
@@ -207,6 +241,81 @@ def _plugins_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
+def _render_inspection(data: dict[str, Any]) -> str:
+    lines = [
+        f"{data['path']}"
+        + (
+            "  (mixed model, stacking order: " + ", ".join(data["stacking_order"] or []) + ")"
+            if data["mixed_model"]
+            else ""
+        )
+    ]
+    for adapter in data["adapters"]:
+        title = adapter["subfolder"] or "(root)"
+        plugin = adapter["plugin"] + (
+            "" if adapter["plugin_installed"] else "  NOT INSTALLED: pip install " + adapter["plugin"]
+        )
+        size = adapter["file_size_bytes"]
+        ranks = adapter["ranks"]
+        rank_text = str(adapter["r"]) if not ranks else ", ".join(sorted({str(r) for r in ranks.values()}))
+        lines += [
+            f"  adapter {title}",
+            f"    method          {adapter['method']}  (plugin {plugin})",
+            f"    task type       {adapter['task_type']}",
+            f"    base model      {adapter['base_model']}",
+            f"    target modules  {adapter['target_modules']}",
+            f"    rank            {rank_text}",
+            f"    parameters      {adapter['parameters']:,d} in {adapter['tensors']} tensors",
+            f"    weights file    {adapter['weights_file']} ({size:,d} bytes)"
+            if size is not None
+            else "    weights file    none",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _emit(data: dict[str, Any], as_json: bool, text: str, out: TextIO) -> None:
+    if as_json:
+        json.dump(data, out, indent=2, sort_keys=True, default=str)
+        out.write("\n")
+    else:
+        out.write(text)
+
+
+def _file_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """inspect / merge / convert: errors become a one-line message and exit status 1."""
+    try:
+        if args.command == "inspect":
+            from peft_core.inspection import inspect_adapter
+
+            data = inspect_adapter(args.path)
+            _emit(data, args.json, _render_inspection(data), out)
+        elif args.command == "merge":
+            from peft_core.export import merge_adapter_into_base
+
+            data = merge_adapter_into_base(args.base, args.adapter, args.out, progressbar=not args.json)
+            _emit(
+                data,
+                args.json,
+                f"merged {data['method']} adapter into {data['base']} -> {data['out']} "
+                f"({data['model_class']}, {data['parameters']:,d} parameters)\n",
+                out,
+            )
+        else:
+            from peft_core.export import convert_mutated_init_adapter
+
+            data = convert_mutated_init_adapter(args.initial, args.trained, args.out)
+            _emit(
+                data,
+                args.json,
+                f"wrote plain {data['method']} adapter (r={data['r']}) to {data['out']}\n",
+                out,
+            )
+    except Exception as exc:  # noqa: BLE001 - the CLI reports any failure as one line
+        print(f"peft-core {args.command}: error: {type(exc).__name__}: {exc}", file=err)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``peft-core`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit status."""
     parser = _build_parser()
@@ -219,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "plugins":
         return _plugins_command(args, sys.stdout, sys.stderr)
+    if args.command in ("inspect", "merge", "convert"):
+        return _file_command(args, sys.stdout, sys.stderr)
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse rejects unknown commands
 
 

@@ -41,6 +41,28 @@ def layer_kind(module: nn.Module) -> str | None:
     return None
 
 
+# Convolutions are left out: their products sum over channels x kernel, where rounding the
+# folded weight once moves outputs of large magnitude by more than the 1e-5 the reference
+# comparisons allow.
+_FOLDABLE = (nn.Linear,)
+
+
+def _tensor_stamp(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run hooks (its own or global ones) around its forward."""
+    from torch.nn.modules import module as module_mod
+
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or getattr(module_mod, "_global_forward_hooks", None)
+        or getattr(module_mod, "_global_forward_pre_hooks", None)
+    )
+
+
 def _autocast_enabled(device_type: str) -> bool:
     try:
         return torch.is_autocast_enabled(device_type)
@@ -62,11 +84,14 @@ class DeltaWeightLayer(AdapterLayer):
     same version counter, with the same scaling. In-place edits through ``param.data`` bypass
     autograd's version counter; call :meth:`clear_delta_cache` after such edits. The price is
     memory: one delta (the size of the base weight) per cached layer and adapter; set
-    ``cache_delta = False`` on a layer (or class) to trade it back for compute.
+    ``cache_delta = False`` on a layer (or class) to trade it back for compute. Eval forwards of
+    enough rows fold the deltas into the weight for the call (see :meth:`_folded_forward`), so
+    they cost one product like the base layer's, not two.
     """
 
     other_param_names = ("r", "alpha", "scaling", "rank_dropout", "rank_dropout_scale", "module_dropout")
     cache_delta: bool = True
+    fold_min_rows: int = 32
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -138,6 +163,10 @@ class DeltaWeightLayer(AdapterLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs).to(previous_dtype)
+        if not self.training and not self.merged and not args and not kwargs:
+            folded = self._folded_forward(x)
+            if folded is not None:
+                return folded.to(previous_dtype)
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result.to(previous_dtype)
@@ -155,6 +184,44 @@ class DeltaWeightLayer(AdapterLayer):
             result = result + self._delta_forward(self._cast_to_adapter_dtype(x, delta.dtype), delta)
         return result.to(previous_dtype)
 
+    def _folded_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Eval only: ``op(x, W + deltas)``, one product instead of two, or None where it does not apply.
+
+        ``base(x) + op(x, delta)`` runs a second dense product as large as the base layer's, so
+        an unmerged LyCORIS linear would cost twice the base. Folding the (cached) deltas into the
+        weight for the call is the same map (merging shows it), rounded once instead of twice; the
+        sum is not kept, so the cache's memory stays one delta per adapter. It applies to a plain
+        ``nn.Linear`` without hooks (whose own forward would be skipped), with input, weight and
+        deltas of one dtype, outside autocast, and to inputs of at least ``fold_min_rows`` rows:
+        below that, adding the weights costs more than the second product.
+        """
+        base = self.base_layer
+        if (
+            type(base) not in _FOLDABLE
+            or _has_hooks(base)
+            or x.numel() < self.fold_min_rows * self.in_features
+        ):
+            return None
+        weight = base.weight
+        names = [name for name in self.active_adapters if name in self.r]
+        if not names or x.dtype != weight.dtype or _autocast_enabled(weight.device.type):
+            return None
+        deltas = [self._eval_delta(name) for name in names]
+        if any(delta.dtype != weight.dtype or delta.shape != weight.shape for delta in deltas):
+            return None
+        effective = weight + deltas[0]
+        for delta in deltas[1:]:
+            effective = effective + delta
+        return F.linear(x, effective, base.bias)
+
+    def _delta_stamp(self, adapter_name: str, tensors: list[torch.Tensor]) -> tuple:
+        """What a cached delta of ``adapter_name`` depends on (see the class docstring)."""
+        return (
+            self.scaling[adapter_name],
+            torch.is_inference_mode_enabled(),
+            tuple(_tensor_stamp(t) for t in tensors),
+        )
+
     # ------------------------------------------------------------------ eval cache
     def _eval_delta(self, adapter_name: str) -> torch.Tensor:
         tensors = self._adapter_tensors(adapter_name)
@@ -165,11 +232,7 @@ class DeltaWeightLayer(AdapterLayer):
             or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
         ):
             return self.get_delta_weight(adapter_name)
-        stamp = (
-            self.scaling[adapter_name],
-            torch.is_inference_mode_enabled(),
-            tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors),
-        )
+        stamp = self._delta_stamp(adapter_name, tensors)
         entry = self._delta_cache.get(adapter_name)
         if entry is not None and entry[0] == stamp:
             return entry[2]

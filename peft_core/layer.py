@@ -35,6 +35,12 @@ class AdapterLayer(nn.Module):
 
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ()
+    peft_type: str | None = None
+    """The method that created this layer; the core records it, so stacked methods tell their layers apart."""
+    hotswap_fixed_fields: tuple[str, ...] | None = None
+    """Config fields that must be equal for :func:`~peft_core.hotswap_adapter` (None: all that shape layers)."""
+    rank_padded_attributes: tuple[str, ...] = ()
+    """Attributes whose tensors may be zero-padded in their rank without changing the output."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -215,12 +221,36 @@ class AdapterLayer(nn.Module):
         return layer
 
     @property
+    def adapter_scaling(self) -> dict[str, Any] | None:
+        """Per-adapter multipliers of each adapter's effect, or None for a method without one.
+
+        The default is the layer's ``scaling`` dict (the reference library's convention, used by
+        LoRA, LoHa, LoKr, AdaLoRA). :func:`~peft_core.rescale_adapter_scale` edits it in place, so
+        a layer keeping its scale elsewhere overrides this with a dict-like view of it.
+        """
+        scaling = getattr(self, "scaling", None)
+        return scaling if isinstance(scaling, dict) else None
+
+    @property
     def weight(self) -> torch.Tensor:
         return self.get_base_layer().weight
 
     @property
     def bias(self) -> torch.Tensor | None:
         return getattr(self.get_base_layer(), "bias", None)
+
+    # ------------------------------------------------------------------ hot-swapping
+    def hotswap_update(self, adapter_name: str, config: PeftConfig, key: str) -> None:
+        """Re-derive ``adapter_name``'s hyper-parameters (its scale) from a swapped-in ``config``.
+
+        The default keeps them, so the core then requires equal ranks and alphas.
+        """
+
+    def pad_rank(self, adapter_name: str, rank: int) -> None:
+        """Zero-pad ``adapter_name``'s :attr:`rank_padded_attributes` tensors to ``rank``."""
+        raise TypeError(
+            f"{type(self).__name__} declares rank-padded tensors but does not implement pad_rank."
+        )
 
     # ------------------------------------------------------------------ serialization
     def checkpoint_suffix(self, attr: str, rest: str) -> str:

@@ -75,7 +75,25 @@ class ModulesToSaveWrapper(nn.Module):
         return self.modules_to_save[self._active_adapter]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.active_module(*args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None or self._disable_adapters:
+            return self.active_module(*args, **kwargs)
+        return self._mixed_batch_forward(args, kwargs, adapter_names)
+
+    def _mixed_batch_forward(self, args: tuple, kwargs: dict, adapter_names: list[str]) -> Any:
+        """Each sample runs through its adapter's copy (the original for adapters without one)."""
+        x, rest = args[0], args[1:]
+        groups: dict[str, list[int]] = {}
+        for index, name in enumerate(adapter_names):
+            groups.setdefault(name if name in self.modules_to_save else "", []).append(index)
+        result: torch.Tensor | None = None
+        for name, indices in groups.items():
+            module = self.modules_to_save[name] if name else self.original_module
+            output = module(x[indices], *rest, **kwargs)
+            if result is None:
+                result = output.new_empty((len(adapter_names), *output.shape[1:]))
+            result[indices] = output
+        return result
 
     @property
     def weight(self) -> torch.Tensor:

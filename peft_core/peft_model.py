@@ -12,10 +12,12 @@ import torch
 from torch import nn
 
 from peft_core.config import PeftConfig, TaskType
-from peft_core.errors import AdapterLoadError, ConfigError
+from peft_core.errors import AdapterLoadError
 from peft_core.hub import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, resolve_file, split_hub_kwargs
 from peft_core.io import atomic_directory, atomic_write_text, load_weights, save_weights
+from peft_core.mixed_batch import batch_adapter_names, check_batch_adapter_names
 from peft_core.plugins import get_registry
+from peft_core.prompt_learning import PromptLearningModel, check_not_mixed
 from peft_core.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
 
 __all__ = [
@@ -69,11 +71,6 @@ class PeftModel(nn.Module):
     ) -> None:
         super().__init__()
         spec = get_registry().method(peft_config.peft_type or "")
-        if spec.capabilities.prompt_learning:
-            raise ConfigError(
-                f"{spec.peft_type} is a prompt-learning method; this peft-core version only drives layer-wrapping "
-                "methods, so it cannot be used here."
-            )
         peft_config = self._with_task_modules(peft_config)
         if peft_config.base_model_name_or_path is None:
             peft_config = peft_config.copy(base_model_name_or_path=_base_model_name(model))
@@ -126,21 +123,54 @@ class PeftModel(nn.Module):
         return self.base_model.model
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the adapted model; ``adapter_names=[...]`` picks one adapter per sample.
+
+        ``"__base__"`` in ``adapter_names`` runs that sample through the base model alone.
+        """
+        if self._prompt_strategy is not None:  # input-side methods route the task themselves
+            _refuse_adapter_names(self, kwargs)
+            return self._prompt_strategy.prompt_forward(_task_of(self), args, kwargs)
         adapter_names = kwargs.pop("adapter_names", None)
-        if adapter_names is not None:
-            spec = self.base_model.spec
-            if not spec.capabilities.mixed_batch:
-                raise TypeError(
-                    f"{spec.peft_type} does not support mixed-adapter batches (adapter_names=...); run one forward "
-                    "per adapter with set_adapter() instead."
-                )
-        return self.base_model(*args, **kwargs)
+        with self._batch_adapters(adapter_names):
+            return self.base_model(*args, **kwargs)
+
+    @property
+    def _prompt_strategy(self) -> PromptLearningModel | None:
+        """The adapter model when the method is prompt learning (it then drives forward and generate)."""
+        base = self._modules.get("base_model")
+        return base if isinstance(base, PromptLearningModel) else None
+
+    def _batch_adapters(
+        self, adapter_names: list[str] | None, *, expandable: bool = False
+    ) -> contextlib.AbstractContextManager[None]:
+        if adapter_names is None:
+            return contextlib.nullcontext()
+        names = check_batch_adapter_names(
+            adapter_names, self.peft_config, {n: self._method_spec(n) for n in self.peft_config}
+        )
+        return batch_adapter_names(self.base_model, names, expandable=expandable)
+
+    def _method_spec(self, adapter_name: str) -> Any:
+        return get_registry().method(self.peft_config[adapter_name].peft_type or "")
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Generate with the adapted model (base models that generate); ``adapter_names=[...]`` as in forward."""
+        if self._prompt_strategy is not None:
+            _refuse_adapter_names(self, kwargs)
+            return self._prompt_strategy.prompt_generate(_task_of(self), args, kwargs)
+        return self._generate(*args, **kwargs)
+
+    def _generate(self, *args: Any, **kwargs: Any) -> Any:
+        adapter_names = kwargs.pop("adapter_names", None)
+        with self._batch_adapters(adapter_names, expandable=True):
+            return self.get_base_model().generate(*args, **kwargs)
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(
         self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False
     ) -> None:
         """Add a new, inactive adapter; activate it with :meth:`set_adapter`."""
+        check_not_mixed(self, peft_config)
         peft_config = self._with_task_modules(peft_config)
         if peft_config.base_model_name_or_path is None:
             peft_config = peft_config.copy(base_model_name_or_path=_base_model_name(self.get_base_model()))
@@ -225,8 +255,12 @@ class PeftModel(nn.Module):
     ) -> None:
         """Write each selected adapter in the reference format (non-default ones in subfolders).
 
-        The write is atomic: files appear only once everything was written.
+        The write is atomic: files appear only once everything was written. With
+        ``path_initial_model_for_weight_conversion`` (the adapter as saved right after a PiSSA /
+        OLoRA / CorDA init, before training), the adapter is written as the plain adapter that
+        gives the same model on the original, unmodified base.
         """
+        initial_path = kwargs.pop("path_initial_model_for_weight_conversion", None)
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!r} is a file; pass a directory.")
@@ -243,13 +277,29 @@ class PeftModel(nn.Module):
             for name in names:
                 out = staging if name == "default" else os.path.join(staging, name)
                 os.makedirs(out, exist_ok=True)
-                state_dict = get_peft_model_state_dict(self, adapter_name=name)
+                # A gathered full state dict (FSDP, DeepSpeed) supplies the values when given.
+                state_dict = get_peft_model_state_dict(self, kwargs.get("state_dict"), adapter_name=name)
+                config = self._config_to_save(name)
+                if initial_path is not None:
+                    config, state_dict = self._converted_for_original_base(
+                        name, config, state_dict, initial_path
+                    )
                 save_weights(
                     state_dict, os.path.join(out, weights_name), safe_serialization=safe_serialization
                 )
-                self._config_to_save(name).save_pretrained(out)
+                config.save_pretrained(out)
             if not os.path.exists(os.path.join(save_directory, "README.md")):
                 atomic_write_text(os.path.join(staging, "README.md"), self._model_card())
+
+    def _converted_for_original_base(
+        self, adapter_name: str, config: PeftConfig, state_dict: dict[str, torch.Tensor], initial_path: Any
+    ) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+        initial_path = os.fspath(initial_path)
+        subfolder = adapter_name if os.path.isdir(os.path.join(initial_path, adapter_name)) else None
+        initial = _read_adapter_weights(initial_path, subfolder, False, {})
+        method = get_registry().method(config.peft_type or "").model_cls
+        converted, tensors = method.plain_adapter_from_mutated_init(config, initial, state_dict)
+        return converted.copy(inference_mode=True), tensors
 
     def _config_to_save(self, adapter_name: str) -> PeftConfig:
         config = self.peft_config[adapter_name]
@@ -432,7 +482,11 @@ class PeftModelForCausalLM(PeftModel):
     """For decoder-only language models; ``generate`` runs the adapted model."""
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.get_base_model().generate(*args, **kwargs)
+        """Generate with the adapted model; ``adapter_names=[...]`` picks one adapter per sample."""
+        if self._prompt_strategy is not None:
+            _refuse_adapter_names(self, kwargs)
+            return self._prompt_strategy.prompt_generate(_task_of(self), args, kwargs)
+        return self._generate(*args, **kwargs)
 
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
         return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
@@ -442,7 +496,11 @@ class PeftModelForSeq2SeqLM(PeftModel):
     """For encoder-decoder language models; ``generate`` runs the adapted model."""
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.get_base_model().generate(*args, **kwargs)
+        """Generate with the adapted model; ``adapter_names=[...]`` picks one adapter per sample."""
+        if self._prompt_strategy is not None:
+            _refuse_adapter_names(self, kwargs)
+            return self._prompt_strategy.prompt_generate(_task_of(self), args, kwargs)
+        return self._generate(*args, **kwargs)
 
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
         return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
@@ -464,6 +522,22 @@ class PeftModelForQuestionAnswering(PeftModel):
 
 class PeftModelForFeatureExtraction(PeftModel):
     """For encoders used as feature extractors."""
+
+
+def _task_of(model: PeftModel) -> str | None:
+    """The task a prompt-learning adapter serves: that of the task class (None for a plain PeftModel)."""
+    for task, cls in MODEL_TYPE_TO_PEFT_MODEL_MAPPING.items():
+        if isinstance(model, cls):
+            return task
+    return None
+
+
+def _refuse_adapter_names(model: PeftModel, kwargs: dict[str, Any]) -> None:
+    if kwargs.pop("adapter_names", None) is not None:
+        raise TypeError(
+            f"{model.base_model.spec.peft_type} does not support mixed-adapter batches (adapter_names=...): its "
+            "prompt is shared by the whole batch. Run one call per adapter with set_adapter() instead."
+        )
 
 
 MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[str, type[PeftModel]] = {

@@ -52,12 +52,24 @@ def _adapter_entries(model: nn.Module, adapter_name: str) -> Iterator[tuple[str,
 
     ``tensor`` is what is saved; ``writer(value)`` loads a checkpoint value in its place.
     """
+    # An adapter model that names its own checkpoint keys (prompt learning: ``prompt_embeddings``)
+    # owns the whole enumeration; it is the model itself or a PeftModel's ``base_model``.
+    for path, owner in (("", model), ("base_model.", model._modules.get("base_model"))):
+        entries = getattr(type(owner), "adapter_state_entries", None)
+        if entries is not None:
+            for model_key, ckpt_key, tensor, writer in entries(owner, adapter_name):
+                yield path + model_key, ckpt_key, tensor, writer
+            return
     for path, module in model.named_modules():
         prefix = f"{path}." if path else ""
         if isinstance(module, AdapterLayer):
+            # A layer stacked under another method's (mixed models) saves under the module's own
+            # name, as it would alone: ``q.base_layer.hada_w1_a`` -> ``q.hada_w1_a``.
+            ckpt_path = ".".join(p for p in path.split(".") if p != "base_layer")
+            ckpt_prefix = f"{ckpt_path}." if ckpt_path else ""
             for model_suffix, ckpt_suffix, tensor in module.adapter_state_items(adapter_name):
                 writer = functools.partial(module.load_adapter_tensor, model_suffix, tensor)
-                yield prefix + model_suffix, prefix + ckpt_suffix, tensor, writer
+                yield prefix + model_suffix, ckpt_prefix + ckpt_suffix, tensor, writer
         elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             copy = module.modules_to_save[adapter_name]
             for rest, tensor in copy.state_dict(keep_vars=True).items():

@@ -112,8 +112,15 @@ def expand_all_linear(model: nn.Module, extra_linear_types: Sequence[type] = ())
         except (NotImplementedError, AttributeError):
             output_layer = None
     names: set[str] = set()
+    wrappers: list[str] = []  # adapter layers and modules_to_save wrappers: their insides are no targets
     for name, module in model.named_modules():
+        if any(name.startswith(w + ".") for w in wrappers):
+            continue
+        if hasattr(module, "base_layer") or hasattr(module, "original_module"):
+            wrappers.append(name)
         base = getattr(module, "base_layer", module)
+        while hasattr(base, "base_layer"):  # stacked adapter layers (mixed models)
+            base = base.base_layer
         if not isinstance(base, linear_types) or module is output_layer or base is output_layer:
             continue
         if output_layer is None and name.split(".")[-1] in {"lm_head"} and "." not in name:

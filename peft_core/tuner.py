@@ -136,15 +136,26 @@ class AdapterModel(nn.Module):
                 raise ConfigError(f"bias={bias!r} is not one of 'none', 'all', '{self.prefix}only'.")
 
     # ------------------------------------------------------------------ injection
+    def owns(self, module: nn.Module) -> bool:
+        """Whether ``module`` is an adapter layer of this model's method.
+
+        Layers of other methods may sit in the same model (stacked, in a mixed model); every
+        loop of this class touches only its own.
+        """
+        return isinstance(module, AdapterLayer) and layer_method(module) == self.spec.peft_type
+
+    def _manages(self, module: nn.Module) -> bool:
+        return isinstance(module, ModulesToSaveWrapper) or self.owns(module)
+
     def adapter_layers(self) -> Iterator[AdapterLayer]:
         for module in self.model.modules():
-            if isinstance(module, AdapterLayer):
-                yield module
+            if self.owns(module):
+                yield module  # type: ignore[misc]
 
     def named_adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
         for name, module in self.model.named_modules():
-            if isinstance(module, AdapterLayer):
-                yield name, module
+            if self.owns(module):
+                yield name, module  # type: ignore[misc]
 
     def _create_layer(
         self, target: nn.Module, adapter_name: str, config: PeftConfig, context: LayerContext
@@ -152,6 +163,7 @@ class AdapterModel(nn.Module):
         for factory in get_registry().layer_factories(self.spec.peft_type):
             layer = factory(target, adapter_name, config, context)
             if layer is not None:
+                layer.peft_type = self.spec.peft_type
                 return layer
         origins = ", ".join(p for p, _ in get_registry().layer_factory_origins(self.spec.peft_type)) or "none"
         raise TargetModulesError(
@@ -163,12 +175,18 @@ class AdapterModel(nn.Module):
     def _target_keys(self, config: PeftConfig) -> list[str]:
         targets = getattr(config, "target_modules", None)
         keys = []
+        layer_paths: set[str] = set()  # adapter layers of any method: their insides are never targets
         for key, module in self.model.named_modules():
+            if isinstance(module, AdapterLayer):
+                layer_paths.add(key)
             if not key or isinstance(module, ModulesToSaveWrapper):
                 continue
-            if any(part in {"modules_to_save", "original_module", "base_layer"} for part in key.split(".")):
+            parts = key.split(".")
+            if any(part in {"modules_to_save", "original_module", "base_layer"} for part in parts):
                 continue
-            if self.prefix and any(part.startswith(self.prefix) for part in key.split(".")):
+            if self.prefix and any(part.startswith(self.prefix) for part in parts):
+                continue
+            if any(".".join(parts[:i]) in layer_paths for i in range(1, len(parts))):
                 continue
             if match_target(config, key):
                 keys.append(key)
@@ -212,23 +230,30 @@ class AdapterModel(nn.Module):
         self._validate_new_adapter(config)
         build_config = self._config_for_loading(config) if loading else config
 
-        was_disabled = any(
-            m.disable_adapters
-            for m in self.model.modules()
-            if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))
-        )
+        was_disabled = any(m.disable_adapters for m in self.model.modules() if self._manages(m))
         self.peft_config[adapter_name] = config
         try:
-            for key in self._target_keys(config):
-                parent, target, name = _get_submodule(self.model, key)
+            keys = self._target_keys(config)
+            # One walk instead of a root-to-leaf lookup per key; a key under a module replaced
+            # in this loop is looked up afresh.
+            modules = dict(self.model.named_modules())
+            replaced: set[str] = set()
+            for key in keys:
+                parent_key, _, name = key.rpartition(".")
+                parent = modules.get(parent_key)
+                if parent is None or _has_prefix_in(parent_key, replaced):
+                    parent, target, name = _get_submodule(self.model, key)
+                else:
+                    target = getattr(parent, name)
                 context = LayerContext(key=key, model_config=model_config)
-                if isinstance(target, AdapterLayer) and _is_layer_of(target, self.spec):
+                if self.owns(target):
                     target.update_layer(adapter_name, build_config, key=key)
                     target.set_adapter(self._layer_active(target))
                 else:
+                    # Its active adapters are set with every other layer's below (set_adapter).
                     layer = self._create_layer(target, adapter_name, build_config, context)
-                    layer.set_adapter([n for n in self.active_adapters if n in layer.adapter_names] or [])
                     setattr(parent, name, layer)
+                    replaced.add(key)
             self._add_modules_to_save(adapter_name, config)
         except BaseException:
             self._remove_adapter_everywhere(adapter_name)
@@ -238,7 +263,7 @@ class AdapterModel(nn.Module):
         # New adapter modules start enabled and in training mode; follow the model's state instead
         # (adapters disabled stay disabled, dropout stays off in eval).
         for module in self.model.modules():
-            if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+            if self._manages(module):
                 module.train(self.model.training)
                 if was_disabled:
                     module.enable_adapters(False)
@@ -293,12 +318,12 @@ class AdapterModel(nn.Module):
     def _remove_adapter_everywhere(self, adapter_name: str) -> None:
         """Delete every trace of ``adapter_name`` and unwrap modules left holding no adapter."""
         for module in list(self.model.modules()):
-            if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
-                if isinstance(module, AdapterLayer) and adapter_name in module.merged_adapters:
+            if self._manages(module):
+                if self.owns(module) and adapter_name in module.merged_adapters:
                     continue
                 module.delete_adapter(adapter_name)
         for key, module in list(self.model.named_modules()):
-            if isinstance(module, AdapterLayer) and not module.adapter_names:
+            if self.owns(module) and not module.adapter_names:
                 parent, _, name = _get_submodule(self.model, key)
                 setattr(parent, name, module.base_layer)
             elif isinstance(module, ModulesToSaveWrapper) and not module.adapter_names:
@@ -315,7 +340,7 @@ class AdapterModel(nn.Module):
         if unknown:
             raise ValueError(f"Unknown adapter(s) {unknown}; available: {list(self.peft_config)}.")
         for module in self.model.modules():
-            if isinstance(module, AdapterLayer):
+            if self.owns(module):
                 if module.merged:
                     warnings.warn(
                         "Adapters are merged; unmerging before switching adapters.", UserWarning, stacklevel=2
@@ -325,10 +350,11 @@ class AdapterModel(nn.Module):
             elif isinstance(module, ModulesToSaveWrapper):
                 module.set_adapter(names)
         self.active_adapters = names
-        for name, param in self.model.named_parameters():
-            # set_adapter turns requires_grad on for active adapters; inference-mode adapters stay frozen.
-            for adapter in names:
-                if self.peft_config[adapter].inference_mode and f".{adapter}." in f".{name}.":
+        # set_adapter turns requires_grad on for active adapters; inference-mode adapters stay frozen.
+        frozen = [f".{adapter}." for adapter in names if self.peft_config[adapter].inference_mode]
+        if frozen:
+            for name, param in self.model.named_parameters():
+                if any(part in f".{name}." for part in frozen):
                     param.requires_grad_(False)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -341,7 +367,7 @@ class AdapterModel(nn.Module):
                 )
         del self.peft_config[adapter_name]
         for module in self.model.modules():
-            if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+            if self._manages(module):
                 module.delete_adapter(adapter_name)
         remaining = [n for n in self.active_adapters if n != adapter_name]
         if not remaining and self.peft_config:
@@ -352,7 +378,7 @@ class AdapterModel(nn.Module):
 
     def _set_adapter_layers(self, enabled: bool) -> None:
         for module in self.model.modules():
-            if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+            if self._manages(module):
                 module.enable_adapters(enabled)
 
     def enable_adapter_layers(self) -> None:
@@ -371,11 +397,7 @@ class AdapterModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        states = {
-            m: m.disable_adapters
-            for m in self.model.modules()
-            if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))
-        }
+        states = {m: m.disable_adapters for m in self.model.modules() if self._manages(m)}
         self.disable_adapter_layers()
         try:
             yield
@@ -435,6 +457,27 @@ class AdapterModel(nn.Module):
         """Remove every adapter layer (unmerging first) and return the untouched base model."""
         return self._unload(merge=False)
 
+    def _outermost_managed(self) -> list[tuple[nn.Module, str, nn.Module]]:
+        """``(parent, name, module)`` of the adapter layers and wrappers not inside another one.
+
+        One walk that does not descend into them: what is inside goes with them when they are
+        replaced, and their factor modules are most of a model's modules.
+        """
+        found = []
+        seen = {id(self.model)}
+        stack = [self.model]
+        while stack:
+            parent = stack.pop()
+            for name, child in parent._modules.items():
+                if child is None or id(child) in seen:
+                    continue
+                seen.add(id(child))
+                if self._manages(child):
+                    found.append((parent, name, child))
+                else:
+                    stack.append(child)
+        return found
+
     def _unload(
         self,
         *,
@@ -447,23 +490,18 @@ class AdapterModel(nn.Module):
         if merge:
             # Merge everything before unwrapping anything, so a failed safe merge leaves the model as it was.
             self.merge_adapter(adapter_names=names, safe_merge=safe_merge)
-        keys = [
-            k for k, m in self.model.named_modules() if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))
-        ]
-        iterator: Any = keys
+        found = self._outermost_managed()
+        iterator: Any = found
         if progressbar:
             from tqdm.auto import tqdm
 
-            iterator = tqdm(keys, desc="Unloading " + ("and merging " if merge else "") + "model")
-        for key in iterator:
-            try:
-                parent, module, name = _get_submodule(self.model, key)
-            except AttributeError:  # already replaced together with an enclosing wrapper
-                continue
+            iterator = tqdm(found, desc="Unloading " + ("and merging " if merge else "") + "model")
+        for parent, name, module in iterator:
             if isinstance(module, AdapterLayer):
                 if not merge and module.merged:
                     module.unmerge()
-                setattr(parent, name, module.get_base_layer())
+                # One level only: layers of other methods stacked below stay (mixed models).
+                setattr(parent, name, module.base_layer)
             elif isinstance(module, ModulesToSaveWrapper):
                 setattr(parent, name, module.active_module if merge else module.original_module)
         return self.model
@@ -558,6 +596,27 @@ class AdapterModel(nn.Module):
         }
         return config.copy(**{k: v for k, v in changes.items() if hasattr(config, k)})
 
+    @classmethod
+    def plain_adapter_from_mutated_init(
+        cls, config: PeftConfig, initial: dict[str, torch.Tensor], trained: dict[str, torch.Tensor]
+    ) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+        """An adapter equal to ``trained`` on the original base, for inits that changed the base.
+
+        ``initial`` and ``trained`` are checkpoint state dicts of the adapter right after its
+        init and after training. Used by ``save_pretrained(path_initial_model_for_weight_conversion=)``
+        and ``peft-core convert``; methods without base-mutating inits do not override it.
+        """
+        raise TypeError(
+            f"{config.peft_type} has no initialisation that changes the base weights; nothing to convert."
+        )
+
+    def _config_for_live_tensors(self, config: PeftConfig, adapter_name: str) -> PeftConfig:
+        """The config that describes ``adapter_name``'s tensors as they are after a hot-swap or padding.
+
+        Methods whose tensors can be rank-padded (LoRA) rewrite rank and scale fields here.
+        """
+        return config
+
     # ------------------------------------------------------------------ serialization
     def adapter_state_items(self, adapter_name: str) -> Iterator[tuple[str, str, torch.Tensor]]:
         """``(model_suffix, checkpoint_suffix, tensor)`` of ``adapter_name``'s model-level tensors.
@@ -573,6 +632,14 @@ class AdapterModel(nn.Module):
         return self.model(*args, **kwargs)
 
 
+def _has_prefix_in(key: str, keys: set[str]) -> bool:
+    """Whether ``key`` or one of its dotted ancestors is in ``keys``."""
+    if not keys:
+        return False
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in keys for i in range(1, len(parts) + 1))
+
+
 def _check_adapter_name(adapter_name: str) -> None:
     """Refuse names that cannot be keys of the per-adapter ``nn.ModuleDict``/``nn.ParameterDict``."""
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
@@ -584,8 +651,16 @@ def _check_adapter_name(adapter_name: str) -> None:
         )
 
 
-def _is_layer_of(layer: AdapterLayer, spec: MethodSpec) -> bool:
-    return bool(spec.prefix) and any(attr.startswith(spec.prefix) for attr in layer.adapter_layer_names)
+def layer_method(layer: AdapterLayer) -> str | None:
+    """The ``peft_type`` that created ``layer`` (recorded at creation), else guessed from its prefix."""
+    if layer.peft_type is not None:
+        return layer.peft_type
+    registry = get_registry()
+    for peft_type, spec in registry.methods.items():
+        prefix = spec.prefix
+        if prefix and any(attr.startswith(prefix) for attr in layer.adapter_layer_names):
+            return peft_type
+    return None
 
 
 def _has_filters(config: PeftConfig) -> bool:

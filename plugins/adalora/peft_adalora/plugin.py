@@ -98,7 +98,9 @@ def peft_register_methods(registry: Registry) -> None:
             config_cls=AdaLoraConfig,
             model_cls=AdaLoraModel,
             prefix="lora_",
-            capabilities=Capabilities(mergeable=True, mixable=True, identity_init=True),
+            # Not mixable: its rank allocator and orthogonality loss live in AdaLoraModel's forward and
+            # update_and_allocate, which a mixed model does not run.
+            capabilities=Capabilities(mergeable=True, mixable=False, identity_init=True),
             default_target_modules={**DEFAULT_TARGET_MODULES, **DEFAULT_TARGET_REGEXES},
         )
     )

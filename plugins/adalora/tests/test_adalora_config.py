@@ -147,7 +147,7 @@ def test_registered_method_spec():
     assert (caps.mergeable, caps.identity_init, caps.mixable, caps.prompt_learning) == (
         True,
         True,
-        True,
+        False,  # its allocator runs only in AdaLoraModel, so it cannot join a mixed model
         False,
     )
     assert not caps.mixed_batch and not caps.weighted_combination

@@ -57,6 +57,20 @@ def is_transformers_conv1d(module: nn.Module) -> bool:
     return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
 
 
+def _tensors_of(item: nn.Module | torch.Tensor) -> list[torch.Tensor]:
+    """The parameters of a factor (a tensor, or a module: a leaf's own without a generator walk)."""
+    if isinstance(item, torch.Tensor):
+        return [item]
+    if not item._modules:
+        return [p for p in item._parameters.values() if p is not None]
+    return list(item.parameters())
+
+
+def _set_requires_grad(item: nn.Module | torch.Tensor, flag: bool) -> None:
+    for tensor in _tensors_of(item):
+        tensor.requires_grad_(flag)
+
+
 def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return weight.T if fan_in_fan_out else weight
 
@@ -85,12 +99,15 @@ class LoraLayer(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module, *, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.use_dora: dict[str, bool] = {}
-        self.use_rslora: dict[str, bool] = {}
-        self.lora_bias: dict[str, bool] = {}
+        self.r: dict[str, int]
+        self.lora_alpha: dict[str, float]
+        self.scaling: dict[str, float]
+        self.use_dora: dict[str, bool]
+        self.use_rslora: dict[str, bool]
+        self.lora_bias: dict[str, bool]
+        # Plain attributes straight into __dict__: nn.Module.__setattr__ only adds checks for
+        # parameters/modules, and a model gets hundreds of these layers.
+        self.__dict__.update(r={}, lora_alpha={}, scaling={}, use_dora={}, use_rslora={}, lora_bias={})
         self.lora_dropout = nn.ModuleDict()
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -132,7 +149,8 @@ class LoraLayer(AdapterLayer):
             )
             self._create_factors(adapter_name, r, config.lora_bias)
             self._init_factors(adapter_name, config.init_lora_weights, key)
-            self._move_adapter_to_device_of_base_layer(adapter_name)
+            if not self._factors_fit_base(adapter_name):
+                self._move_adapter_to_device_of_base_layer(adapter_name)
             if config.use_dora:
                 self._init_dora(adapter_name)
         except BaseException:
@@ -147,6 +165,25 @@ class LoraLayer(AdapterLayer):
     def _check_config(self, config: LoraConfig, r: int, key: str) -> None:
         """Refuse options this layer type does not support (override per type)."""
 
+    def _factors_fit_base(self, adapter_name: str) -> bool:
+        """Whether the new factors already sit on the base weight's device in its float dtype.
+
+        Then moving them is a no-op, and skipping it saves a third of creating a layer (``.to``
+        walks every factor module), which adds up over hundreds of targeted modules.
+        """
+        ref = getattr(self.get_base_layer(), "weight", None)
+        if not isinstance(ref, torch.Tensor) or not ref.dtype.is_floating_point or ref.device.type == "meta":
+            return False
+        modules = self._modules
+        for attr in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
+            container = modules[attr]
+            if adapter_name not in container:
+                continue
+            for tensor in _tensors_of(container[adapter_name]):
+                if tensor.device != ref.device or tensor.dtype != ref.dtype:
+                    return False
+        return True
+
     def _create_factors(self, adapter_name: str, r: int, lora_bias: bool) -> None:
         raise NotImplementedError
 
@@ -160,8 +197,93 @@ class LoraLayer(AdapterLayer):
         super().delete_adapter(adapter_name)
         self._dora_merge_norms.pop(adapter_name, None)
 
+    @property
+    def adapter_names(self) -> list[str]:
+        """Names of the adapters this layer holds, in insertion order (every one has an ``r``)."""
+        return list(self.r)
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        """Activate ``adapter_names``; only their parameters train (the core's rule, in fewer steps).
+
+        Called for every layer on each switch, so it sets the factors' flags directly instead of
+        walking each factor module.
+        """
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        active = set(names)
+        modules = self._modules
+        for attr in self.adapter_layer_names:
+            container = modules[attr]
+            for name, item in container.items():
+                _set_requires_grad(item, name in active)
+        self._active_adapters = names
+
     def has_adapter(self, adapter_name: str) -> bool:
         return adapter_name in self.lora_A or adapter_name in self.lora_embedding_A
+
+    # ------------------------------------------------------------------ hot-swapping
+    hotswap_fixed_fields = ("use_dora", "lora_dropout", "lora_bias", "fan_in_fan_out")
+    rank_padded_attributes = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+
+    def hotswap_update(self, adapter_name: str, config: LoraConfig, key: str) -> None:
+        """Take the swapped-in adapter's scale (its r, alpha, patterns and rsLoRA) for ``key``."""
+        r = pattern_value(config.rank_pattern, key, config.r)
+        alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
+        scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        self.r[adapter_name], self.lora_alpha[adapter_name] = r, alpha
+        self.use_rslora[adapter_name] = config.use_rslora
+        current = self.scaling[adapter_name]
+        if isinstance(current, torch.Tensor):
+            current.fill_(scale)  # in place: a compiled graph holds this tensor
+        else:
+            self.scaling[adapter_name] = scale
+
+    def live_rank(self, adapter_name: str) -> int:
+        """The rank of ``adapter_name``'s tensors as they are (padded or not)."""
+        if adapter_name in self.lora_embedding_A:
+            return int(self.lora_embedding_A[adapter_name].shape[0])
+        return int(self.lora_A[adapter_name].weight.shape[0])
+
+    @torch.no_grad()
+    def pad_rank(self, adapter_name: str, rank: int) -> None:
+        """Zero-pad ``adapter_name`` to ``rank`` (zero rows of A, zero columns of B add nothing)."""
+        current = self.live_rank(adapter_name)
+        if rank < current:
+            raise ValueError(
+                f"Cannot pad adapter {adapter_name!r} of rank {current} down to target_rank={rank}; pass a target_rank "
+                "at least as large as every adapter's rank."
+            )
+        if rank == current:
+            return
+        if getattr(self.get_base_layer(), "groups", 1) != 1:
+            raise ValueError(
+                f"Cannot pad adapter {adapter_name!r}: its base is a grouped convolution, whose LoRA rank is split "
+                "across the groups."
+            )
+
+        def padded(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+            shape = list(tensor.shape)
+            shape[dim] = rank
+            out = tensor.new_zeros(shape)
+            out.narrow(dim, 0, tensor.shape[dim]).copy_(tensor)
+            return out
+
+        if adapter_name in self.lora_embedding_A:
+            self.lora_embedding_A[adapter_name].data = padded(self.lora_embedding_A[adapter_name], 0)
+            self.lora_embedding_B[adapter_name].data = padded(self.lora_embedding_B[adapter_name], 1)
+        else:
+            lora_A, lora_B = self.lora_A[adapter_name], self.lora_B[adapter_name]
+            lora_A.weight.data = padded(lora_A.weight, 0)
+            lora_B.weight.data = padded(lora_B.weight, 1)
+            for module, attr in ((lora_A, "out_features"), (lora_A, "out_channels")):
+                if hasattr(module, attr):
+                    setattr(module, attr, rank)
+            for module, attr in ((lora_B, "in_features"), (lora_B, "in_channels")):
+                if hasattr(module, attr):
+                    setattr(module, attr, rank)
+        # The same scale, now described by the padded rank.
+        scale = float(self.scaling[adapter_name])
+        self.r[adapter_name] = rank
+        self.lora_alpha[adapter_name] = scale * (math.sqrt(rank) if self.use_rslora[adapter_name] else rank)
 
     # ------------------------------------------------------------------ scaling
     def _initial_scaling(self, adapter_name: str) -> float:
@@ -454,6 +576,56 @@ class Linear(LoraLayer):
         elif getattr(base, "bias", None) is not None:
             base_result = base_result - base.bias
         return (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * scaling
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
+    ) -> torch.Tensor:
+        """Each sample with its own adapter; several adapters run as one batched product.
+
+        A loop over the adapters launches a handful of kernels per adapter. Here the factors of
+        the adapters present are stacked (ranks zero-padded to the largest, which adds exact
+        zeros) and every sample is multiplied by its own pair with ``bmm``: the launches stay
+        the same whatever the number of adapters. Cases the batched path does not cover
+        (active dropout, ``lora_bias``, mixed dtypes, one adapter) take the loop.
+        """
+        self._check_mixed_batch(x, adapter_names)
+        present = [n for n in dict.fromkeys(adapter_names) if n != BASE_PLACEHOLDER and n in self.lora_A]
+        if len(present) < 2 or x.dim() < 2 or not self._can_batch_adapters(present, x):
+            return super()._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        slot = {name: i for i, name in enumerate(present)}
+        rows = [i for i, name in enumerate(adapter_names) if name in slot]
+        which = torch.tensor([slot[adapter_names[i]] for i in rows], device=x.device)
+        rank = max(self.r[n] for n in present)
+        weights_A = [self.lora_A[n].weight for n in present]
+        weights_B = [self.lora_B[n].weight for n in present]
+        stack_A = torch.stack(
+            [F.pad(w, (0, 0, 0, rank - w.shape[0])) if w.shape[0] < rank else w for w in weights_A]
+        )
+        stack_B = torch.stack(
+            [F.pad(w, (0, rank - w.shape[1])) if w.shape[1] < rank else w for w in weights_B]
+        )
+        scaling = torch.tensor([self.scaling[n] for n in present], device=x.device, dtype=stack_A.dtype)
+        every_row = len(rows) == len(adapter_names)
+        sub = x if every_row else x[torch.tensor(rows, device=x.device)]
+        sub = sub.to(stack_A.dtype).reshape(len(rows), -1, self.in_features)
+        hidden = torch.bmm(sub, stack_A[which].transpose(1, 2))
+        output = torch.bmm(hidden, stack_B[which].transpose(1, 2)) * scaling[which].view(-1, 1, 1)
+        output = output.reshape(len(rows), *result.shape[1:]).to(result.dtype)
+        if every_row:
+            return result + output
+        result[torch.tensor(rows, device=x.device)] += output
+        return result
+
+    def _can_batch_adapters(self, present: list[str], x: torch.Tensor) -> bool:
+        dtype = self.lora_A[present[0]].weight.dtype
+        for name in present:
+            dropout = self.lora_dropout[name]
+            if self.lora_bias.get(name) or (self.training and not isinstance(dropout, nn.Identity)):
+                return False
+            if self.lora_A[name].weight.dtype != dtype or self.lora_B[name].weight.dtype != dtype:
+                return False
+        return x.shape[-1] == self.in_features
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
 from peft_core.config import PeftConfig
 from peft_core.errors import ConfigError
+from peft_core.targeting import pattern_value
 from peft_core.tuner import AdapterModel
 
 from peft_lora.combination import CAT, FACTORS, SVD, parse_combination, split_options
@@ -72,6 +74,37 @@ class LoraModel(AdapterModel):
         if len(adapters) == 1:
             combination_type, options = "linear", {}
         super().add_weighted_adapter(adapters, weights, adapter_name, combination_type, **options)
+
+    @classmethod
+    def plain_adapter_from_mutated_init(
+        cls, config: PeftConfig, initial: dict[str, Any], trained: dict[str, Any]
+    ) -> tuple[PeftConfig, dict[str, Any]]:
+        from peft_lora.conversion import plain_lora_from_mutated_init
+
+        return plain_lora_from_mutated_init(config, initial, trained)  # type: ignore[arg-type]
+
+    def _config_for_live_tensors(self, config: PeftConfig, adapter_name: str) -> PeftConfig:
+        """Describe padded tensors: rank = their rank, alphas chosen so every module keeps its scale."""
+        layers = {key: layer for key, layer in self.named_adapter_layers() if layer.has_adapter(adapter_name)}
+        live = {key: layer.live_rank(adapter_name) for key, layer in layers.items()}
+        if all(rank == pattern_value(config.rank_pattern, key, config.r) for key, rank in live.items()):
+            return config
+        ranks = set(live.values())
+        if len(ranks) != 1:
+            raise ValueError(
+                f"Adapter {adapter_name!r} has tensors of ranks {sorted(ranks)} that its config does not describe; pad "
+                "them to one rank with prepare_model_for_compiled_hotswap(model, target_rank=...)."
+            )
+        rank = ranks.pop()
+        factor = math.sqrt(rank) if config.use_rslora else rank
+        alphas = {key: float(layer.scaling[adapter_name]) * factor for key, layer in layers.items()}
+        common = max(set(alphas.values()), key=list(alphas.values()).count)
+        return config.copy(
+            r=rank,
+            lora_alpha=common,
+            rank_pattern={},
+            alpha_pattern={key: alpha for key, alpha in alphas.items() if alpha != common},
+        )
 
     def _source_ranks(self, adapters: list[str]) -> dict[str, list[int]]:
         """Each source adapter's ranks, over the layers that hold it."""

@@ -121,7 +121,7 @@ def peft_register_methods(registry: Registry) -> None:
             model_cls=LoraModel,
             prefix="lora_",
             capabilities=Capabilities(
-                mergeable=True, mixable=True, identity_init=True, weighted_combination=True
+                mergeable=True, mixable=True, identity_init=True, weighted_combination=True, mixed_batch=True
             ),
             default_target_modules=LORA_STYLE_DEFAULT_TARGETS,
         )

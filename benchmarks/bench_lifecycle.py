@@ -1,0 +1,126 @@
+"""Adapter lifecycle on a 32-layer Llama-style model: inject, merge/unload, load from disk.
+
+Rows: ``get_peft_model`` (224 modules and ~2000 modules), ``merge_and_unload``, ``unload``,
+``from_pretrained`` of a 5M-parameter adapter. Floors are hand-written swap loops
+(:func:`common.floor_inject`) and a bare safetensors load copied into the parameters.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import common
+import torch
+from safetensors.torch import load_file
+
+R = 16
+PREFIX = "base_model.model."
+
+
+def _lora_config(lib, **kw):
+    return lib.LoraConfig(r=R, lora_alpha=R, target_modules="all-linear", **kw)
+
+
+def bench_inject(label: str, pool: common.ModelPool, repeat: int) -> None:
+    ours, ref = common.ours(), common.reference()
+    n_modules = len(common.linear_keys(pool.template))
+    t_ours = common.measure(lambda m: ours.get_peft_model(m, _lora_config(ours)), pool.fresh, repeat=repeat)
+    t_ref = (
+        common.measure(lambda m: ref.get_peft_model(m, _lora_config(ref)), pool.fresh, repeat=repeat)
+        if ref
+        else None
+    )
+    t_floor = common.measure(lambda m: common.floor_inject(m, R, R), pool.fresh, repeat=repeat)
+    common.emit(
+        f"get_peft_model[{label}]",
+        ours=t_ours,
+        reference=t_ref,
+        floor=t_floor,
+        modules=n_modules,
+        target="<= 1.5x floor and <= 0.33x reference",
+        met=t_ours <= 1.5 * t_floor and (t_ref is None or t_ours <= 0.33 * t_ref),
+    )
+
+
+def bench_unload(pool: common.ModelPool, repeat: int) -> None:
+    ours, ref = common.ours(), common.reference()
+
+    def wrapped(lib):
+        def make():
+            model = lib.get_peft_model(pool.fresh(), _lora_config(lib, init_lora_weights="gaussian"))
+            return model
+
+        return make
+
+    def floor_make():
+        return common.floor_inject(pool.fresh(), R, R)
+
+    for op, target_ratio, floor_fn in (
+        ("merge_and_unload", 1.3, common.floor_merge_and_unload),
+        ("unload", 2.0, common.floor_unload),
+    ):
+        t_ours = common.measure(lambda m, op=op: getattr(m, op)(), wrapped(ours), repeat=repeat)
+        t_ref = (
+            common.measure(lambda m, op=op: getattr(m, op)(), wrapped(ref), repeat=repeat) if ref else None
+        )
+        t_floor = common.measure(floor_fn, floor_make, repeat=repeat)
+        common.emit(
+            f"{op}[224 modules]",
+            ours=t_ours,
+            reference=t_ref,
+            floor=t_floor,
+            target=f"<= {target_ratio}x floor",
+            met=t_ours <= target_ratio * t_floor,
+        )
+
+
+def bench_from_pretrained(pool: common.ModelPool, repeat: int) -> None:
+    ours, ref = common.ours(), common.reference()
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        saved = ours.get_peft_model(pool.fresh(), _lora_config(ours, init_lora_weights="gaussian"))
+        saved.save_pretrained(tmp)
+        n_params = sum(p.numel() for p in saved.parameters() if p.requires_grad)
+        del saved
+        path = f"{tmp}/adapter_model.safetensors"
+
+        def floor(model):
+            common.floor_inject(model, R, R)
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for key, value in load_file(path).items():
+                    params[key[len(PREFIX) :]].copy_(value)
+            return model
+
+        t_ours = common.measure(lambda m: ours.PeftModel.from_pretrained(m, tmp), pool.fresh, repeat=repeat)
+        t_ref = (
+            common.measure(lambda m: ref.PeftModel.from_pretrained(m, tmp), pool.fresh, repeat=repeat)
+            if ref
+            else None
+        )
+        t_floor = common.measure(floor, pool.fresh, repeat=repeat)
+    common.emit(
+        "from_pretrained[5M-param adapter, 224 modules]",
+        ours=t_ours,
+        reference=t_ref,
+        floor=t_floor,
+        adapter_params=n_params,
+        target="<= 1.5x floor",
+        met=t_ours <= 1.5 * t_floor,
+    )
+
+
+def main() -> None:
+    # intermediate 1376 makes r=16 on all 224 linears exactly ~5M adapter parameters.
+    pool = common.ModelPool(lambda: common.llama_model(layers=32, hidden=512, intermediate=1376))
+    repeat = common.repeats(5)
+    bench_inject("224 modules", pool, repeat)
+    bench_unload(pool, repeat)
+    bench_from_pretrained(pool, repeat)
+    del pool
+    big = common.ModelPool(lambda: common.llama_model(layers=286, hidden=64, intermediate=128))
+    bench_inject("2002 modules", big, common.repeats(3))
+
+
+if __name__ == "__main__":
+    main()

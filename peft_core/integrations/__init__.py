@@ -1,0 +1,1 @@
+"""Adapters for other libraries' training loops; each module imports its library only when used."""
