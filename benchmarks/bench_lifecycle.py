@@ -113,7 +113,7 @@ def bench_from_pretrained(pool: common.ModelPool, repeat: int) -> None:
 def main() -> None:
     # intermediate 1376 makes r=16 on all 224 linears exactly ~5M adapter parameters.
     pool = common.ModelPool(lambda: common.llama_model(layers=32, hidden=512, intermediate=1376))
-    repeat = common.repeats(5)
+    repeat = common.repeats(3)
     bench_inject("224 modules", pool, repeat)
     bench_unload(pool, repeat)
     bench_from_pretrained(pool, repeat)

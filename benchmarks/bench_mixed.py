@@ -81,7 +81,7 @@ def main() -> None:
         fns[f"{label}_mixed"], how[label] = mixed_call(model, ids, names)
         fns[f"{label}_single"] = lambda model=model: model(input_ids=ids)
     with torch.no_grad():
-        times = common.measure_interleaved(fns, repeat=common.repeats(7), warmup=1)
+        times = common.measure_interleaved(fns, repeat=common.repeats(5), warmup=1)
     t_ours = times["ours_mixed"] / times["ours_single"]
     t_ref = times["ref_mixed"] / times["ref_single"] if ref else None
     common.emit(
@@ -112,7 +112,7 @@ def main() -> None:
             ops[label] = sum(counter.ops.values())
             fns[label] = call
         with torch.no_grad():
-            times = common.measure_interleaved(fns, repeat=common.repeats(9), warmup=1)
+            times = common.measure_interleaved(fns, repeat=common.repeats(5), warmup=1)
         first_ops = first_ops or (n, ops["ours"])
         grows = (ops["ours"] / first_ops[1]) / (n / first_ops[0])
         common.emit(

@@ -18,7 +18,7 @@ import common
 import torch
 
 R = 16
-STEPS = 5
+STEPS = 3
 
 
 def _rss_bytes() -> int:

@@ -73,7 +73,14 @@ def measure_interleaved(
             elapsed = (time.perf_counter() - start) / inner
             if i >= warmup:
                 times[name].append(elapsed)
+    LAST_MINIMA.clear()
+    LAST_MINIMA.update({name: min(ts) for name, ts in times.items()})
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+# The fastest round of each function in the last measure_interleaved call: on a shared machine the
+# least disturbed figure, printed next to the medians so a reader can tell load from cost.
+LAST_MINIMA: dict[str, float] = {}
 
 
 def emit(

@@ -28,6 +28,7 @@ from peft_core.errors import (
     UnknownMethodError,
 )
 from peft_core.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
+from peft_core.kbit import prepare_model_for_kbit_training
 from peft_core.mapping import get_peft_config, get_peft_model, inject_adapter_in_model
 from peft_core.mixed_model import PeftMixedModel
 from peft_core.peft_model import (
@@ -75,6 +76,7 @@ __all__ = [
     "hotswap_adapter",
     "inject_adapter_in_model",
     "prepare_model_for_compiled_hotswap",
+    "prepare_model_for_kbit_training",
     "rescale_adapter_scale",
     "set_peft_model_state_dict",
 ]

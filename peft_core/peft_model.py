@@ -279,6 +279,8 @@ class PeftModel(nn.Module):
                 os.makedirs(out, exist_ok=True)
                 # A gathered full state dict (FSDP, DeepSpeed) supplies the values when given.
                 state_dict = get_peft_model_state_dict(self, kwargs.get("state_dict"), adapter_name=name)
+                if kwargs.get("state_dict") is None:
+                    _refuse_placeholders(self, name)
                 config = self._config_to_save(name)
                 if initial_path is not None:
                     config, state_dict = self._converted_for_original_base(
@@ -460,6 +462,25 @@ class PeftModel(nn.Module):
                 stacklevel=3,
             )
         return result
+
+
+def _refuse_placeholders(model: nn.Module, adapter_name: str) -> None:
+    """Refuse to write the empty stand-ins that DeepSpeed ZeRO-3 leaves in a process's parameters.
+
+    Saving them writes an adapter that loads as zeros; the reference library has shipped such files.
+    """
+    # A legitimately empty tensor (an AdaLoRA layer pruned to rank 0) carries no ds_numel.
+    empty = [
+        key
+        for key, param in model.named_parameters()
+        if f".{adapter_name}." in f".{key}." and param.numel() == 0 and getattr(param, "ds_numel", 0) > 0
+    ]
+    if empty:
+        raise ValueError(
+            f"Adapter {adapter_name!r} has {len(empty)} empty tensor(s) (e.g. {empty[:2]}): the parameters are sharded "
+            "and this process holds placeholders. Save from the full state dict, e.g. "
+            "save_pretrained(path, state_dict=accelerator.get_state_dict(model)), or gather the parameters first."
+        )
 
 
 def _read_adapter_weights(

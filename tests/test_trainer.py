@@ -133,3 +133,26 @@ def test_load_best_model_at_end_restores_the_best_adapter(tmp_path):
     expected = {k: v for k, v in restored.named_parameters() if "lora_" in k}
     for key, value in adapter_tensors(model).items():
         torch.testing.assert_close(value, expected[key], atol=0, rtol=0)
+
+
+def test_sharded_placeholders_are_not_saved_as_an_adapter(tmp_path):
+    """Under ZeRO-3 a process holds empty stand-ins; saving them would write an adapter of zeros."""
+    model = make_model()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    full = layer.lora_A["default"].weight.detach().clone()
+    layer.lora_A["default"].weight.data = torch.empty(0)
+    layer.lora_A[
+        "default"
+    ].weight.ds_numel = full.numel()  # what DeepSpeed attaches to a partitioned parameter
+    with pytest.raises(ValueError, match="state_dict=accelerator.get_state_dict"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # With the gathered state dict the adapter is written in full.
+    gathered = {k: v for k, v in model.state_dict().items()}
+    key = next(k for k in gathered if k.endswith("q_proj.lora_A.default.weight"))
+    gathered[key] = full
+    model.save_pretrained(tmp_path / "out", state_dict=gathered)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert torch.equal(saved[key.replace(".default", "")], full)

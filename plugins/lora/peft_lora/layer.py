@@ -66,6 +66,13 @@ def _tensors_of(item: nn.Module | torch.Tensor) -> list[torch.Tensor]:
     return list(item.parameters())
 
 
+def _output_hooked(module: nn.Module) -> bool:
+    """Whether a forward hook (the module's own or a global one) may hold on to its output."""
+    from torch.nn.modules import module as module_mod
+
+    return bool(module._forward_hooks or getattr(module_mod, "_global_forward_hooks", None))
+
+
 def _set_requires_grad(item: nn.Module | torch.Tensor, flag: bool) -> None:
     for tensor in _tensors_of(item):
         tensor.requires_grad_(flag)
@@ -636,6 +643,7 @@ class Linear(LoraLayer):
             return early
         result = self.base_layer(x, *args, **kwargs)
         result_dtype = result.dtype
+        plain_base = type(self.base_layer) is nn.Linear and not _output_hooked(self.base_layer)
         for name in self.active_adapters:
             if name not in self.lora_A:
                 continue
@@ -643,9 +651,14 @@ class Linear(LoraLayer):
             x = self._cast_to_adapter_dtype(x, lora_A.weight.dtype)
             if self.use_dora.get(name):
                 result = result + self._dora_output(name, x, result)
+                continue
+            output = self.lora_B[name](lora_A(self.lora_dropout[name](x)))
+            if plain_base and output.dtype == result.dtype:
+                # F.linear's output is not saved for backward, so it can take the scaled sum in
+                # place: one fused pass, no extra tensor of the output's size per layer.
+                result.add_(output, alpha=self.scaling[name])
             else:
-                dropout = self.lora_dropout[name]
-                result = result + self.lora_B[name](lora_A(dropout(x))) * self.scaling[name]
+                result = result + output * self.scaling[name]
         return result.to(result_dtype)
 
 
