@@ -1,23 +1,10 @@
-"""Test setup for peft-lora: the ``compat`` marker, hypothesis profiles, plugin registration."""
+"""Test setup for peft-lora: the kit's shared plugin-test setup (profiles, compat marker, max-diff report)."""
 
 from __future__ import annotations
 
-import pytest
-from peft_core.plugins import get_registry, register_plugin
-from peft_core.testing import register_profiles
+from peft_core.testing.plugin_setup import *  # noqa: F403 - the shared pytest hooks and fixtures
+from peft_core.testing.plugin_setup import register_for_tests
 
 from peft_lora import plugin
 
-# Installed (pip install -e plugins/lora), the entry point registers the plugin; from a plain
-# checkout on PYTHONPATH, register the hooks module directly.
-if not get_registry().has_method(plugin.PEFT_TYPE):
-    register_plugin(plugin, name="peft-lora")
-
-# the kit's hypothesis profiles: dev (default), ci, derandomized; picked by $HYPOTHESIS_PROFILE
-register_profiles()
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "compat: compares against the reference `peft` library (needs `pip install peft==0.21.2`)"
-    )
+register_for_tests(plugin, "peft-lora")
