@@ -380,6 +380,16 @@ class PeftModel(nn.Module):
             warnings.warn(
                 f"Ignoring unknown from_pretrained arguments {sorted(rest)}.", UserWarning, stacklevel=2
             )
+        local = os.path.join(os.fspath(model_id), subfolder or "")
+        if (
+            config is None
+            and os.path.isfile(os.path.join(local, "peft_mixed_model.json"))
+            and not os.path.isfile(os.path.join(local, CONFIG_NAME))
+        ):
+            raise ValueError(
+                f"{os.fspath(model_id)!r} holds a mixed-method model (peft_mixed_model.json); load it with "
+                "PeftMixedModel.from_pretrained, or load one of its adapters with subfolder=<adapter name>."
+            )
         if config is None:
             config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, **hub_kwargs)
         config = config.copy(inference_mode=not is_trainable)

@@ -323,6 +323,14 @@ def test_the_reference_library_loads_each_saved_adapter():
                 torch.testing.assert_close(theirs(X), model(X), atol=ATOL, rtol=0)
 
 
+def test_peft_model_points_a_mixed_directory_to_peft_mixed_model(tmp_path):
+    mixed_model().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="PeftMixedModel.from_pretrained"):
+        PeftModel.from_pretrained(make_base(), tmp_path)
+    alone = PeftModel.from_pretrained(make_base(), tmp_path, subfolder="lo")
+    assert list(alone.peft_config) == ["default"]
+
+
 def test_merge_and_unload_and_unload():
     model = mixed_model()
     with torch.no_grad():
