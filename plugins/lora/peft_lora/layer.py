@@ -381,6 +381,14 @@ class LoraLayer(AdapterLayer):
     def merge_one(self, adapter_name: str, *, safe_merge: bool = False) -> None:
         self._check_mergeable(adapter_name)
         base = self.get_base_layer()
+        if not safe_merge and not self.use_dora.get(adapter_name):
+            # In place, as the reference does: the same single rounding as ``weight + delta``,
+            # without a fresh weight-sized tensor (and its page faults) per layer.
+            base.weight.data += self.get_delta_weight(adapter_name).to(base.weight.dtype)
+            bias_delta = self._bias_delta(adapter_name)
+            if bias_delta is not None:
+                base.bias.data += bias_delta.to(base.bias.dtype)
+            return
         new_weight = self._merged_weight(adapter_name, base.weight.data)
         bias_delta = self._bias_delta(adapter_name)
         new_bias = None if bias_delta is None else base.bias.data + bias_delta.to(base.bias.dtype)
