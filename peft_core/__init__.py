@@ -23,6 +23,7 @@ from peft_core.errors import (
     CheckpointShapeError,
     ConfigError,
     CorruptCheckpointError,
+    MergeError,
     PeftCoreError,
     TargetModulesError,
     UnknownMethodError,
@@ -57,6 +58,7 @@ __all__ = [
     "CheckpointShapeError",
     "ConfigError",
     "CorruptCheckpointError",
+    "MergeError",
     "PeftConfig",
     "PeftCoreError",
     "PeftMixedModel",
@@ -101,16 +103,44 @@ _PLUGIN_CONFIGS = {
 }
 
 
+# Other public names of the reference library that a plugin provides -> their peft_type, for install hints.
+_PLUGIN_NAMES = {
+    "EvaConfig": "LORA",
+    "CordaConfig": "LORA",
+    "LoftQConfig": "LORA",
+    "get_eva_state_dict": "LORA",
+    "initialize_lora_eva_weights": "LORA",
+    "preprocess_corda": "LORA",
+}
+
+_MISSING = object()
+
+
+def _plugin_export(registry: Any, name: str) -> Any:
+    """``name`` from the ``__all__`` of an installed plugin's package (e.g. ``peft_lora.EvaConfig``)."""
+    import importlib
+
+    for spec in registry.methods.values():
+        package = importlib.import_module(spec.config_cls.__module__.partition(".")[0])
+        if name in getattr(package, "__all__", ()):
+            return getattr(package, name)
+    return _MISSING
+
+
 def __getattr__(name: str) -> Any:
-    """Resolve plugin config classes (``LoraConfig``, ...) through the registry on first use."""
-    if name.endswith("Config") and not name.startswith("_"):
+    """Resolve plugin names (``LoraConfig``, ``EvaConfig``, ...) through the registry on first use."""
+    if not name.startswith("_"):
         from peft_core.plugins import get_registry
         from peft_core.registry import plugin_hint
 
-        found = get_registry().config_class_by_name(name)
+        registry = get_registry()
+        found = registry.config_class_by_name(name) if name.endswith("Config") else None
         if found is not None:
             return found
-        peft_type = _PLUGIN_CONFIGS.get(name)
+        exported = _plugin_export(registry, name)
+        if exported is not _MISSING:
+            return exported
+        peft_type = _PLUGIN_CONFIGS.get(name) or _PLUGIN_NAMES.get(name)
         if peft_type is not None:
             raise ImportError(
                 f"{name} is provided by the {plugin_hint(peft_type)} plugin, which is not installed (or failed to "

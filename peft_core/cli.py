@@ -35,6 +35,7 @@ _CONTRIBUTION_LABELS = {
     "layer_factories": "layer factories",
     "combination_strategies": "combination strategies",
     "state_dict_converters": "state-dict converters",
+    "quantization_backends": "quantization backends",
 }
 
 

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_core.layer import AdapterLayer
+from peft_core.quantization import is_adaptable_linear, weight_shape
 
-__all__ = ["CONV1D", "CONV2D", "LINEAR", "DeltaWeightLayer", "layer_kind"]
+__all__ = ["CONV1D", "CONV2D", "LINEAR", "DeltaWeightLayer", "layer_kind", "weight_shape"]
 
 LINEAR, CONV1D, CONV2D = "linear", "conv1d", "conv2d"
 
@@ -26,9 +27,11 @@ LINEAR, CONV1D, CONV2D = "linear", "conv1d", "conv2d"
 def layer_kind(module: nn.Module) -> str | None:
     """``"linear"``, ``"conv1d"``, ``"conv2d"``, or None for base layers these methods do not adapt.
 
-    Only modules with a plain floating-point weight qualify: quantized linears (which subclass
-    ``nn.Linear`` but pack integer weights) belong to a quantization backend's layer factory.
+    Modules with a plain floating-point weight qualify, and quantized linears that a registered
+    quantization backend handles (their forward is ``base(x) + op(x, delta)`` all the same).
     """
+    if isinstance(module, nn.Linear) and is_adaptable_linear(module):
+        return LINEAR
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:
         return None

@@ -7,6 +7,7 @@ __all__ = [
     "CheckpointShapeError",
     "ConfigError",
     "CorruptCheckpointError",
+    "MergeError",
     "PeftCoreError",
     "PluginConflictError",
     "PluginLoadError",
@@ -48,6 +49,10 @@ class ConfigError(PeftCoreError, ValueError):
 
 class TargetModulesError(PeftCoreError, ValueError):
     """``target_modules`` (or a related option) matched nothing usable in the model."""
+
+
+class MergeError(PeftCoreError, ValueError):
+    """An adapter cannot be merged into these base weights (e.g. a quantized layer that cannot be re-quantized)."""
 
 
 class AdapterLoadError(PeftCoreError, RuntimeError):

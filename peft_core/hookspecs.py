@@ -16,6 +16,9 @@ layer creation                            :func:`peft_register_layer_factories`
 merge (combination strategies)            :func:`peft_register_combination_strategies`
 serialization (state-dict key conversion) :func:`peft_register_state_dict_converters`
 ========================================  ==============================================
+
+A fifth hook, :func:`peft_register_quantization_backends`, is not a method family: it teaches
+every method a kind of quantized base layer at once.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ __all__ = [
     "peft_register_combination_strategies",
     "peft_register_layer_factories",
     "peft_register_methods",
+    "peft_register_quantization_backends",
     "peft_register_state_dict_converters",
 ]
 
@@ -99,4 +103,19 @@ def peft_register_state_dict_converters(registry: Registry) -> None:
 
     :param registry: the registry to register into.
     :returns: nothing.
+    """
+
+
+@hookspec
+def peft_register_quantization_backends(registry: Registry) -> None:
+    """Register backends for quantized base layers (bitsandbytes, HQQ, GPTQ, ...).
+
+    Call ``registry.register_quantization_backend(QuantizationBackend(...))``. A backend says how
+    to recognise its layers, dequantize their weight and re-quantize a merged one (see
+    :class:`~peft_core.quantization.QuantizationBackend`). Every method that declares the
+    ``quantized_bases`` capability then adapts, trains, saves and merges on those layers, with
+    no code for the pair.
+
+    :param registry: the registry to register into.
+    :returns: nothing; a second backend of the same name from another plugin is refused with a warning.
     """

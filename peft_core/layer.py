@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from peft_core.quantization import writable_float_weight
+
 if TYPE_CHECKING:
     from peft_core.config import PeftConfig
 
@@ -93,8 +95,12 @@ class AdapterLayer(nn.Module):
         Adapters that are already merged are skipped with a warning, so merging twice never
         applies an adapter twice.
         """
-        for name in check_adapters_to_merge(self, adapter_names):
-            if name in self.adapter_names:
+        names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.adapter_names]
+        if not names:
+            return
+        # A quantized base is merged through a float view of its weight, re-quantized afterwards.
+        with writable_float_weight(self.get_base_layer()):
+            for name in names:
                 self.merge_one(name, safe_merge=safe_merge)
                 self.merged_adapters.append(name)
 
@@ -103,8 +109,9 @@ class AdapterLayer(nn.Module):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", UserWarning, stacklevel=2)
             return
-        while self.merged_adapters:
-            self.unmerge_one(self.merged_adapters.pop())
+        with writable_float_weight(self.get_base_layer(), what="unmerge"):
+            while self.merged_adapters:
+                self.unmerge_one(self.merged_adapters.pop())
 
     @property
     def merged(self) -> bool:

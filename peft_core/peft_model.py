@@ -278,9 +278,9 @@ class PeftModel(nn.Module):
                 out = staging if name == "default" else os.path.join(staging, name)
                 os.makedirs(out, exist_ok=True)
                 # A gathered full state dict (FSDP, DeepSpeed) supplies the values when given.
-                state_dict = get_peft_model_state_dict(self, kwargs.get("state_dict"), adapter_name=name)
                 if kwargs.get("state_dict") is None:
                     _refuse_placeholders(self, name)
+                state_dict = get_peft_model_state_dict(self, kwargs.get("state_dict"), adapter_name=name)
                 config = self._config_to_save(name)
                 if initial_path is not None:
                     config, state_dict = self._converted_for_original_base(
@@ -490,6 +490,20 @@ def _refuse_placeholders(model: nn.Module, adapter_name: str) -> None:
             f"Adapter {adapter_name!r} has {len(empty)} empty tensor(s) (e.g. {empty[:2]}): the parameters are sharded "
             "and this process holds placeholders. Save from the full state dict, e.g. "
             "save_pretrained(path, state_dict=accelerator.get_state_dict(model)), or gather the parameters first."
+        )
+    # FSDP2 (fully_shard) leaves each process a DTensor holding only its shard.
+    sharded = [
+        key
+        for key, param in model.named_parameters()
+        if f".{adapter_name}." in f".{key}."
+        and any(placement.is_shard() for placement in getattr(param, "placements", ()))
+    ]
+    if sharded:
+        raise ValueError(
+            f"Adapter {adapter_name!r} has {len(sharded)} sharded tensor(s) (e.g. {sharded[:2]}): under FSDP each "
+            "process holds a shard. Gather the full state dict on every process and save it from one, e.g. "
+            "save_pretrained(path, state_dict=torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+            "options=StateDictOptions(full_state_dict=True, cpu_offload=True)), is_main_process=rank == 0)."
         )
 
 

@@ -150,6 +150,7 @@ class PluginManager:
                 "peft_register_layer_factories",
                 "peft_register_combination_strategies",
                 "peft_register_state_dict_converters",
+                "peft_register_quantization_backends",
             ):
                 # Call only this plugin's implementation, so a later plugin never re-runs an earlier one.
                 self._pm.subset_hook_caller(hook_name, remove_plugins=others)(registry=self.registry)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from peft_core.config import PeftConfig
     from peft_core.layer import AdapterLayer
+    from peft_core.quantization import QuantizationBackend
 
 
 __all__ = [
@@ -154,6 +155,7 @@ class Registry:
             name: (strategy, CORE_PLUGIN) for name, strategy in BUILTIN_STRATEGIES.items()
         }
         self._converters: dict[str, tuple[StateDictConverter, str]] = {}
+        self._backends: dict[str, QuantizationBackend] = {}
         self._order = 0
 
     # ----------------------------------------------------------------- registration
@@ -188,6 +190,19 @@ class Registry:
 
     def register_state_dict_converter(self, name: str, converter: StateDictConverter) -> None:
         self._converters[name] = (converter, self.current_plugin)
+
+    def register_quantization_backend(self, backend: QuantizationBackend) -> None:
+        """Add a backend; the first registration of a name wins (a second one warns)."""
+        from attrs import evolve
+
+        existing = self._backends.get(backend.name)
+        if existing is not None and existing.plugin != self.current_plugin:
+            self._conflict(
+                f"quantization backend {backend.name!r} is provided by both {existing.plugin!r} and "
+                f"{self.current_plugin!r}; keeping the first."
+            )
+            return
+        self._backends[backend.name] = evolve(backend, plugin=backend.plugin or self.current_plugin)
 
     def _conflict(self, message: str) -> None:
         if self.strict:
@@ -238,6 +253,19 @@ class Registry:
     def state_dict_converters(self) -> list[tuple[str, StateDictConverter]]:
         return [(name, conv) for name, (conv, _) in self._converters.items()]
 
+    @property
+    def quantization_backends(self) -> Mapping[str, QuantizationBackend]:
+        return dict(self._backends)
+
+    def quantization_backend_for(self, module: nn.Module) -> QuantizationBackend | None:
+        """The first registered backend whose ``handles`` accepts ``module``."""
+        if not self._backends:
+            return None
+        for backend in self._backends.values():
+            if backend.handles(module):
+                return backend
+        return None
+
     def config_class_by_name(self, class_name: str) -> type | None:
         for spec in self._methods.values():
             if spec.config_cls.__name__ == class_name:
@@ -253,6 +281,7 @@ class Registry:
             ),
             "combination_strategies": sorted(n for n, (_, p) in self._strategies.items() if p == plugin),
             "state_dict_converters": sorted(n for n, (_, p) in self._converters.items() if p == plugin),
+            "quantization_backends": sorted(n for n, b in self._backends.items() if b.plugin == plugin),
         }
 
 

@@ -20,6 +20,7 @@ from peft_core.errors import ConfigError, TargetModulesError
 from peft_core.layer import AdapterLayer
 from peft_core.modules_to_save import ModulesToSaveWrapper
 from peft_core.plugins import get_registry
+from peft_core.quantization import backend_for, install_hint, quantized_library
 from peft_core.registry import LayerContext, MethodSpec
 from peft_core.targeting import ALL_LINEAR, expand_all_linear, match_target, unmatched_entries
 
@@ -160,6 +161,7 @@ class AdapterModel(nn.Module):
     def _create_layer(
         self, target: nn.Module, adapter_name: str, config: PeftConfig, context: LayerContext
     ) -> AdapterLayer:
+        self._check_quantized_base(target, context.key)
         for factory in get_registry().layer_factories(self.spec.peft_type):
             layer = factory(target, adapter_name, config, context)
             if layer is not None:
@@ -171,6 +173,29 @@ class AdapterModel(nn.Module):
             f"{self.spec.peft_type} cannot wrap (layer factories from: {origins}). Remove it from target_modules, "
             "or install a plugin that registers a layer factory for this module type."
         )
+
+    def _check_quantized_base(self, target: nn.Module, key: str) -> None:
+        """Refuse a quantized base layer that no backend handles, or that this method cannot adapt."""
+        base = target.get_base_layer() if isinstance(target, AdapterLayer) else target
+        library = quantized_library(base)
+        if library is None:
+            return
+        backend = backend_for(base)
+        if backend is None:
+            hint = install_hint(library)
+            fix = f"Install it with `pip install {hint}`" if hint.startswith("peft-") else f"Install {hint}"
+            raise TargetModulesError(
+                f"Target module {key!r} is a quantized layer ({type(base).__module__}.{type(base).__name__}) that "
+                f"no installed quantization backend handles, so {self.spec.peft_type} cannot wrap it. {fix}: a "
+                "quantization backend teaches every method these layers. Or leave the module out of target_modules."
+            )
+        if not self.spec.capabilities.quantized_bases:
+            able = sorted(n for n, s in get_registry().methods.items() if s.capabilities.quantized_bases)
+            raise TargetModulesError(
+                f"Target module {key!r} is a {backend.name} layer, and {self.spec.peft_type} does not declare "
+                f"support for quantized base layers. Methods that do: {able}. Use one of them, or exclude the "
+                "quantized modules from target_modules."
+            )
 
     def _target_keys(self, config: PeftConfig) -> list[str]:
         targets = getattr(config, "target_modules", None)

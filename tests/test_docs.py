@@ -4,6 +4,7 @@ exported names, internal links, and the quickstart (which is run as written)."""
 from __future__ import annotations
 
 import ast
+import importlib.util
 import inspect
 import re
 import textwrap
@@ -116,6 +117,7 @@ def test_every_public_registration_call_is_in_the_list_above():
         "register_layer_factory",
         "register_combination_strategy",
         "register_state_dict_converter",
+        "register_quantization_backend",
     }, "a new Registry.register_* method must be added to docs/hooks.md and to this test"
 
 
@@ -199,10 +201,14 @@ def nav_files() -> list[str]:
     return files
 
 
+def pages() -> list[str]:
+    """Every page of the site, as its path relative to docs/ (the form nav uses)."""
+    return sorted(p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md"))
+
+
 def test_nav_lists_every_page_and_only_existing_ones():
-    pages = sorted(p.name for p in DOCS.glob("*.md"))
-    assert sorted(nav_files()) == pages
-    assert "index.md" in pages
+    assert sorted(nav_files()) == pages()
+    assert "index.md" in pages()
 
 
 def slug(heading: str) -> str:
@@ -217,17 +223,19 @@ def anchors(markdown: str) -> set[str]:
     return {slug(h) for h in re.findall(r"^#{1,6} (.+)$", text, flags=re.M)}
 
 
-@pytest.mark.parametrize("page", sorted(p.name for p in DOCS.glob("*.md")))
+@pytest.mark.parametrize("page", pages())
 def test_internal_links_resolve(page):
     text = re.sub(r"^```.*?^```$", "", read(page), flags=re.S | re.M)
     for target in re.findall(r"\]\(([^)\s]+)\)", text):
         if re.match(r"[a-z]+://", target):
             continue
         name, _, anchor = target.partition("#")
-        name = name or page
-        assert (DOCS / name).is_file(), f"{page}: link to missing page {target!r}"
+        path = (DOCS / page).parent / name if name else DOCS / page
+        assert path.is_file(), f"{page}: link to missing page {target!r}"
         if anchor:
-            assert anchor in anchors(read(name)), f"{page}: link to missing heading {target!r}"
+            assert anchor in anchors(path.read_text(encoding="utf-8")), (
+                f"{page}: link to missing heading {target!r}"
+            )
 
 
 # ----------------------------------------------------------------------------- migration table
@@ -290,3 +298,80 @@ def test_quickstart_runs_as_written(tmp_path, monkeypatch):
     import torch
 
     assert not torch.equal(namespace["base_logits"], namespace["expected"])  # the adapter was trained
+
+
+# ----------------------------------------------------------------------------- method catalogue
+def catalogue_hook():
+    spec = importlib.util.spec_from_file_location("method_catalogue", DOCS / "method_catalogue.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_catalogue_hook_is_wired_into_the_site():
+    yaml = pytest.importorskip("yaml")
+    config = yaml.safe_load(read("mkdocs.yml"))
+    assert "method_catalogue.py" in config["hooks"]
+    hook = catalogue_hook()
+    assert hook.MARKER in read(hook.PAGE)
+
+
+def test_generated_catalogue_lists_every_installed_plugin():
+    from peft_core.plugins import get_plugin_manager
+
+    manager = get_plugin_manager()
+    catalogue = catalogue_hook().render_catalogue(manager)
+    methods_table = catalogue.split("## ", 1)[0]
+    rows = {
+        row.split(" | ")[0].strip("| `"): row for row in methods_table.splitlines() if row.startswith("| `")
+    }
+    loaded = [p for p in manager.plugins if p.status == "loaded" and p.methods]
+    assert loaded, "no method plugin is installed; the catalogue would be empty"
+    for plugin in loaded:
+        for name in plugin.methods:
+            spec = manager.registry.method(name)
+            assert name in rows, f"the catalogue misses {name} of {plugin.distribution}"
+            assert f"`{spec.config_cls.__name__}`" in rows[name] and f"`{plugin.distribution}`" in rows[name]
+            flags = [cell.strip() for cell in rows[name].strip("|").split("|")][3:]
+            expected = [
+                ("✓" if getattr(spec.capabilities, f) else "–") for f in catalogue_hook().CAPABILITIES
+            ]
+            assert flags == expected, f"capabilities of {name}"
+    listed = catalogue.split("## Installed plugins", 1)[1].split("## ", 1)[0]
+    for plugin in manager.plugins:
+        assert f"| `{plugin.name}` | `{plugin.distribution}` |" in listed, (
+            f"the catalogue misses {plugin.name}"
+        )
+        if plugin.status != "loaded":
+            assert f"`{plugin.name}`" in catalogue, (
+                f"the catalogue must list {plugin.name}, which did not load"
+            )
+
+
+# ----------------------------------------------------------------------------- the site itself
+def test_docstring_markup_is_rewritten_for_the_site():
+    pytest.importorskip("griffe")
+    spec = importlib.util.spec_from_file_location("griffe_rst", DOCS / "griffe_rst.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rst = "See :class:`~a.b.C` and :func:`f`::\n\n    x = 1\n\n====  ====\nkey   value\n====  ====\n``A``   one\n      more\n====  ====\n"
+    assert module.markdown_from_rst(rst) == (
+        "See `C` and `f`:\n\n    x = 1\n\n| key | value |\n|---|---|\n| ``A`` | one more |\n"
+    )
+
+
+@pytest.mark.slow
+def test_site_builds_with_warnings_as_errors(tmp_path):
+    """What the nox ``docs`` session runs; skipped where the docs toolchain is not installed."""
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("mkdocstrings_handlers.python")
+    import subprocess
+    import sys
+
+    site = tmp_path / "site"
+    command = [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", "docs/mkdocs.yml", "-d", str(site)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    methods = (site / "methods" / "index.html").read_text(encoding="utf-8")
+    assert "LoraConfig" in methods and "peft-lora" in methods
+    assert "get_peft_model" in (site / "api" / "index.html").read_text(encoding="utf-8")

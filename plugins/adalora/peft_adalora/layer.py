@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from peft_core.errors import ConfigError, TargetModulesError
 from peft_core.layer import AdapterLayer
+from peft_core.quantization import weight_shape
 from torch import nn
 
 from peft_adalora.config import AdaLoraConfig, rank_pattern_key
@@ -308,7 +309,7 @@ class SVDConv2d(AdaLoraLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``P (Q ⊙ Λ) * scaling / (ranknum + 1e-5)`` reshaped to the base kernel."""
         delta = self._svd_product(adapter_name) * self.scaling[adapter_name] / self._scale(adapter_name)
-        return delta.reshape(self.get_base_layer().weight.shape)
+        return delta.reshape(weight_shape(self.get_base_layer()))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         early = self._forward_preamble(x, args, kwargs)

@@ -18,6 +18,7 @@ from peft_core.default_targets import LORA_STYLE_DEFAULT_TARGETS
 from peft_core.errors import TargetModulesError
 from peft_core.hookspecs import hookimpl
 from peft_core.layer import AdapterLayer
+from peft_core.quantization import is_plain_float
 from peft_core.registry import Capabilities, LayerContext, MethodSpec, Registry
 from torch import nn
 
@@ -50,24 +51,12 @@ def _plain_target(target: nn.Module, context: LayerContext) -> nn.Module:
     return target
 
 
-def _plain_float_weight(module: nn.Module) -> bool:
-    """Whether ``module`` keeps an ordinary floating-point weight.
-
-    Quantized layers (bitsandbytes, ...) subclass ``nn.Linear`` but keep packed integer weights;
-    their support belongs to a quantization backend's factory registered at a higher priority.
-    """
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, nn.Parameter) or not weight.dtype.is_floating_point:
-        return False
-    return not type(module).__module__.startswith("bitsandbytes")
-
-
 def linear_factory(
     target: nn.Module, adapter_name: str, config: BOFTConfig, context: LayerContext
 ) -> BOFTLayer | None:
     """BOFT for ``nn.Linear`` (with a plain floating-point weight)."""
     base = _plain_target(target, context)
-    if not isinstance(base, nn.Linear) or not _plain_float_weight(base):
+    if not isinstance(base, nn.Linear) or not is_plain_float(base):
         return None
     if config.fan_in_fan_out:
         warnings.warn(
@@ -84,7 +73,7 @@ def conv2d_factory(
 ) -> BOFTLayer | None:
     """BOFT for ``nn.Conv2d`` (any kernel, stride, padding, dilation or groups)."""
     base = _plain_target(target, context)
-    if not isinstance(base, nn.Conv2d) or not _plain_float_weight(base):
+    if not isinstance(base, nn.Conv2d) or not is_plain_float(base):
         return None
     return Conv2d(base, adapter_name, config, key=context.key)
 

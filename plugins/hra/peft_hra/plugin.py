@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from peft_core.default_targets import LORA_STYLE_DEFAULT_TARGETS
 from peft_core.hookspecs import hookimpl
-from peft_core.layer import AdapterLayer
+from peft_core.quantization import is_plain_float
 from peft_core.registry import Capabilities, LayerContext, MethodSpec, Registry
 from torch import nn
 
@@ -28,27 +28,11 @@ __all__ = [
 PEFT_TYPE = "HRA"
 
 
-def _plain_float_weight(module: nn.Module) -> bool:
-    """Whether ``module`` is itself a base layer with an ordinary floating-point weight.
-
-    Another method's adapter layer is not wrapped (HRA is not mixable: a rotation of the whole
-    weight does not commute with other methods' merges). Quantized layers (bitsandbytes, ...)
-    subclass ``nn.Linear`` but keep packed integer weights; their support belongs to a quantization
-    backend's factory registered at a higher priority.
-    """
-    if isinstance(module, AdapterLayer):
-        return False
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, nn.Parameter) or not weight.dtype.is_floating_point:
-        return False
-    return not type(module).__module__.startswith("bitsandbytes")
-
-
 def linear_factory(
     target: nn.Module, adapter_name: str, config: HRAConfig, context: LayerContext
 ) -> HRALayer | None:
     """HRA for ``nn.Linear`` (with a plain floating-point weight)."""
-    if not isinstance(target, nn.Linear) or not _plain_float_weight(target):
+    if not isinstance(target, nn.Linear) or not is_plain_float(target):
         return None
     return Linear(target, adapter_name, config, key=context.key)
 
@@ -57,7 +41,7 @@ def conv2d_factory(
     target: nn.Module, adapter_name: str, config: HRAConfig, context: LayerContext
 ) -> HRALayer | None:
     """HRA for ``nn.Conv2d`` (any kernel, stride, padding, dilation and groups)."""
-    if not isinstance(target, nn.Conv2d) or not _plain_float_weight(target):
+    if not isinstance(target, nn.Conv2d) or not is_plain_float(target):
         return None
     return Conv2d(target, adapter_name, config, key=context.key)
 

@@ -11,6 +11,7 @@ import warnings
 
 from peft_core.hookspecs import hookimpl
 from peft_core.layer import AdapterLayer
+from peft_core.quantization import is_adaptable_linear
 from peft_core.registry import Capabilities, LayerContext, MethodSpec, Registry
 from torch import nn
 
@@ -37,24 +38,12 @@ def _base_of(target: nn.Module) -> nn.Module:
     return target.get_base_layer() if isinstance(target, AdapterLayer) else target
 
 
-def _plain_float_weight(module: nn.Module) -> bool:
-    """Whether ``module`` keeps an ordinary floating-point weight.
-
-    Quantized layers (bitsandbytes, ...) subclass ``nn.Linear`` but keep packed integer weights;
-    their support belongs to a quantization backend's factory registered at a higher priority.
-    """
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, nn.Parameter) or not weight.dtype.is_floating_point:
-        return False
-    return not type(module).__module__.startswith("bitsandbytes")
-
-
 def linear_factory(
     target: nn.Module, adapter_name: str, config: IA3Config, context: LayerContext
 ) -> IA3Layer | None:
     """(IA)³ for ``nn.Linear`` (with a plain floating-point weight)."""
     base = _base_of(target)
-    if not isinstance(base, nn.Linear) or not _plain_float_weight(base):
+    if not is_adaptable_linear(base):
         return None
     if config.fan_in_fan_out:
         warnings.warn(
@@ -109,7 +98,11 @@ def peft_register_methods(registry: Registry) -> None:
             model_cls=IA3Model,
             prefix="ia3_",
             capabilities=Capabilities(
-                mergeable=True, mixable=True, identity_init=True, weighted_combination=True
+                mergeable=True,
+                quantized_bases=True,
+                mixable=True,
+                identity_init=True,
+                weighted_combination=True,
             ),
             default_target_modules=DEFAULT_TARGET_MODULES,
         )

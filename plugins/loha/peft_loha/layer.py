@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from peft_core.delta_layer import CONV1D, CONV2D, LINEAR, DeltaWeightLayer
 from peft_core.errors import ConfigError
+from peft_core.quantization import weight_shape
 from peft_core.targeting import pattern_value
 from torch import nn
 
@@ -119,7 +120,7 @@ class LoHaLayer(DeltaWeightLayer):
         else:
             first = self.hada_w1_a[adapter_name] @ self.hada_w1_b[adapter_name]
             second = self.hada_w2_a[adapter_name] @ self.hada_w2_b[adapter_name]
-        weight = (first * second * scale).reshape(self.get_base_layer().weight.shape)
+        weight = (first * second * scale).reshape(weight_shape(self.get_base_layer()))
         if apply_rank_dropout:
             weight = weight * self._rank_dropout_mask(adapter_name, weight)
         return weight

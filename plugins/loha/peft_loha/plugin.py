@@ -60,7 +60,7 @@ def peft_register_methods(registry: Registry) -> None:
             config_cls=LoHaConfig,
             model_cls=LoHaModel,
             prefix="hada_",
-            capabilities=Capabilities(mergeable=True, mixable=True, identity_init=True),
+            capabilities=Capabilities(mergeable=True, quantized_bases=True, mixable=True, identity_init=True),
             default_target_modules=LORA_STYLE_DEFAULT_TARGETS,
         )
     )

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from peft_core.delta_layer import CONV1D, CONV2D, LINEAR, DeltaWeightLayer
 from peft_core.errors import ConfigError
+from peft_core.quantization import weight_shape
 from peft_core.targeting import pattern_value
 from torch import nn
 
@@ -209,7 +210,7 @@ class LoKrLayer(DeltaWeightLayer):
 
     def get_delta_weight(self, adapter_name: str, *, apply_rank_dropout: bool = False) -> torch.Tensor:
         weight = kronecker_delta(self._w1(adapter_name), self._w2(adapter_name), self.scaling[adapter_name])
-        weight = weight.reshape(self.get_base_layer().weight.shape)
+        weight = weight.reshape(weight_shape(self.get_base_layer()))
         if apply_rank_dropout:
             # float32 mask, one rounding into the delta's dtype (the reference's in-place ``*=``)
             weight = (weight * self._rank_dropout_mask(adapter_name, weight)).to(weight.dtype)

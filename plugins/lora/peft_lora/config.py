@@ -9,18 +9,23 @@ implemented is refused with a :class:`~peft_core.errors.ConfigError` as soon as 
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any, ClassVar
 
+import attrs
 from attrs import define, field
 from peft_core.config import PeftConfig
 from peft_core.errors import ConfigError
 
+from peft_lora.init_configs import normalised
+
 __all__ = ["LoraConfig", "UNSUPPORTED_INITS"]
 
-UNSUPPORTED_INITS = ("loftq", "eva", "corda", "orthogonal", "mica", "lora_ga")
+UNSUPPORTED_INITS = ("orthogonal", "mica", "lora_ga")
 """Values the reference library knows that this plugin does not implement yet."""
 
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+_NAMED_INITS = ("gaussian", "pissa", "olora", "eva", "corda", "loftq")
 _BIAS_VALUES = ("none", "all", "lora_only")
 
 
@@ -79,6 +84,8 @@ def _sub_config(value: Any) -> Any:
         import dataclasses
 
         return dataclasses.asdict(value)
+    if attrs.has(type(value)):  # EvaConfig, CordaConfig, LoftQConfig of this package
+        return attrs.asdict(value)
     return value
 
 
@@ -116,7 +123,10 @@ class LoraConfig(PeftConfig):
     """True: A Kaiming-uniform, B zeros (identity). False: random A and B (not an identity).
     ``"gaussian"``: A ~ N(0, 1/r), B zeros. ``"pissa"``/``"pissa_niter_<n>"``/``"olora"``:
     A and B from the SVD/QR of the base weight, which is replaced by the residual so the
-    output is unchanged."""
+    output is unchanged. ``"eva"``: A from the SVD of the layer inputs (run
+    ``initialize_lora_eva_weights``). ``"corda"``: A and B from the covariance-weighted SVD of
+    the base weight (run ``preprocess_corda`` first), the base keeps the residual. ``"loftq"``:
+    the base weight becomes its quantized part and B A fits the quantization error."""
     layers_to_transform: list[int] | int | None = field(default=None, converter=_layer_indices)
     layers_pattern: list[str] | str | None = None
     rank_pattern: dict = field(factory=dict, converter=_pattern_dict)
@@ -126,14 +136,17 @@ class LoraConfig(PeftConfig):
     """Weight-decomposed LoRA: a learned per-output magnitude times the normalised adapted weight."""
     lora_bias: bool = False
     """Give ``lora_B`` a bias (merged into the base bias)."""
+    loftq_config: dict = field(factory=dict, converter=_sub_config)
+    """:class:`~peft_lora.LoftQConfig` fields, for ``init_lora_weights="loftq"``."""
+    eva_config: dict | None = field(default=None, converter=_sub_config)
+    """:class:`~peft_lora.EvaConfig` fields, for ``init_lora_weights="eva"`` (defaults filled in)."""
+    corda_config: dict | None = field(default=None, converter=_sub_config)
+    """:class:`~peft_lora.CordaConfig` fields, for ``init_lora_weights="corda"`` (defaults filled in)."""
 
     # --- accepted for file compatibility; a non-default value is refused (not implemented yet)
     megatron_config: dict | None = None
     megatron_core: str | None = "megatron.core"
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
-    loftq_config: dict = field(factory=dict, converter=_sub_config)
-    eva_config: dict | None = field(default=None, converter=_sub_config)
-    corda_config: dict | None = field(default=None, converter=_sub_config)
     lora_ga_config: dict | None = field(default=None, converter=_sub_config)
     velora_config: dict | None = field(default=None, converter=_sub_config)
     alora_invocation_tokens: list[int] | None = None
@@ -151,6 +164,7 @@ class LoraConfig(PeftConfig):
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
+        self._normalise_init_configs()
         self._check_values()
         self._check_combinations()
         self._refuse_unsupported()
@@ -175,15 +189,49 @@ class LoraConfig(PeftConfig):
         if isinstance(init, str) and init in UNSUPPORTED_INITS:
             raise ConfigError(
                 f"init_lora_weights={init!r} is not supported yet by peft-lora. Supported: True, False, "
-                "'gaussian', 'pissa', 'pissa_niter_<n>', 'olora'."
+                "'gaussian', 'pissa', 'pissa_niter_<n>', 'olora', 'eva', 'corda', 'loftq'."
             )
         if not isinstance(init, bool) and not (
-            isinstance(init, str) and (init in ("gaussian", "pissa", "olora") or _PISSA_NITER.fullmatch(init))
+            isinstance(init, str) and (init in _NAMED_INITS or _PISSA_NITER.fullmatch(init))
         ):
             raise ConfigError(
                 f"Unknown init_lora_weights={init!r}; expected True, False, 'gaussian', 'pissa', "
-                "'pissa_niter_<n>' (n a non-negative integer) or 'olora'."
+                "'pissa_niter_<n>' (n a non-negative integer), 'olora', 'eva', 'corda' or 'loftq'."
             )
+
+    def _normalise_init_configs(self) -> None:
+        """Fill in the init sub-configs, with the reference library's defaults and warnings."""
+        init = self.init_lora_weights
+        if init == "loftq":
+            if not self.loftq_config:
+                raise ConfigError(
+                    "init_lora_weights='loftq' needs loftq_config, e.g. loftq_config=LoftQConfig(loftq_bits=4)."
+                )
+            self.loftq_config = normalised("loftq_config", self.loftq_config)
+        elif self.loftq_config:
+            warnings.warn(
+                "loftq_config is ignored (and dropped) because init_lora_weights is not 'loftq'.",
+                UserWarning,
+                stacklevel=4,
+            )
+            self.loftq_config = {}
+        for option, name in (("eva_config", "eva"), ("corda_config", "corda")):
+            value = getattr(self, option)
+            if init == name and value is None:
+                warnings.warn(
+                    f"init_lora_weights={name!r} without {option}: using the default {option}.",
+                    UserWarning,
+                    stacklevel=4,
+                )
+                value = {}
+            elif init != name and value is not None:
+                warnings.warn(
+                    f"{option} is ignored because init_lora_weights is not {name!r}.",
+                    UserWarning,
+                    stacklevel=4,
+                )
+            if value is not None:
+                setattr(self, option, normalised(option, value))
 
     def _check_combinations(self) -> None:
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
@@ -218,9 +266,6 @@ class LoraConfig(PeftConfig):
             ("megatron_config", self.megatron_config is not None, "Megatron parallel layers"),
             ("megatron_core", self.megatron_core not in (None, "megatron.core"), "Megatron parallel layers"),
             ("trainable_token_indices", self.trainable_token_indices is not None, "trainable tokens"),
-            ("loftq_config", bool(self.loftq_config), "LoftQ"),
-            ("eva_config", self.eva_config is not None, "EVA initialisation"),
-            ("corda_config", self.corda_config is not None, "CorDA initialisation"),
             ("lora_ga_config", self.lora_ga_config is not None, "LoRA-GA initialisation"),
             ("velora_config", self.velora_config is not None, "VeLoRA"),
             ("alora_invocation_tokens", self.alora_invocation_tokens is not None, "activated LoRA (aLoRA)"),

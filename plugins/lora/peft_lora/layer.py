@@ -25,13 +25,17 @@ import torch
 import torch.nn.functional as F
 from peft_core.errors import ConfigError
 from peft_core.layer import AdapterLayer
+from peft_core.quantization import dequantized_weight
 from peft_core.targeting import pattern_value
 from torch import nn
 
 from peft_lora.combination import combine_into
 from peft_lora.config import LoraConfig
+from peft_lora.corda import corda_init
 from peft_lora.dora import DoraMagnitude, conv_weight_norm, linear_weight_norm
 from peft_lora.init import olora_init, pissa_init
+from peft_lora.init_configs import init_options
+from peft_lora.loftq import loftq_init
 
 __all__ = [
     "BASE_PLACEHOLDER",
@@ -155,7 +159,16 @@ class LoraLayer(AdapterLayer):
                 nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0.0 else nn.Identity()
             )
             self._create_factors(adapter_name, r, config.lora_bias)
-            self._init_factors(adapter_name, config.init_lora_weights, key)
+            # LoftQ needs its options, not only the init's name; they are read during the init only.
+            self._loftq_options = (
+                init_options("loftq_config", config.loftq_config)
+                if config.init_lora_weights == "loftq"
+                else None
+            )
+            try:
+                self._init_factors(adapter_name, config.init_lora_weights, key)
+            finally:
+                del self._loftq_options
             if not self._factors_fit_base(adapter_name):
                 self._move_adapter_to_device_of_base_layer(adapter_name)
             if config.use_dora:
@@ -512,6 +525,29 @@ class Linear(LoraLayer):
         r, scaling = self.r[adapter_name], self.scaling[adapter_name]
         if init is True or init == "gaussian":
             _reset_linear_factors(lora_A, lora_B, init, r)
+        elif init == "eva":
+            # A is replaced by initialize_lora_eva_weights; B zero keeps the output unchanged until then.
+            _reset_linear_factors(lora_A, lora_B, True, r)
+        elif init == "corda":
+            corda_init(
+                lora_A.weight,
+                lora_B.weight,
+                self.get_base_layer(),
+                r=r,
+                scaling=scaling,
+                fan_in_fan_out=self.fan_in_fan_out,
+                key=key,
+            )
+        elif init == "loftq":
+            loftq_init(
+                lora_A.weight,
+                lora_B.weight,
+                self.get_base_layer().weight,
+                r=r,
+                scaling=scaling,
+                fan_in_fan_out=self.fan_in_fan_out,
+                options=self._loftq_options,
+            )
         elif init == "olora":
             olora_init(
                 lora_A.weight,
@@ -540,7 +576,9 @@ class Linear(LoraLayer):
         lora_weight = weight_B.float() @ weight_A.float() if half else weight_B @ weight_A
         if half:
             lora_weight = lora_weight.half()
-        base_weight = _transpose(self.get_base_layer().weight.to(weight_A.device), self.fan_in_fan_out)
+        base_weight = _transpose(
+            dequantized_weight(self.get_base_layer()).to(weight_A.device), self.fan_in_fan_out
+        )
         norm = linear_weight_norm(base_weight, lora_weight, self.scaling[adapter_name])
         self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm)
 
@@ -580,7 +618,7 @@ class Linear(LoraLayer):
             x = dropout(x)
             base_result = None
         lora_weight = (lora_B.weight @ lora_A.weight).to(x.dtype)
-        weight = base.weight.to(x.dtype)
+        weight = dequantized_weight(base).to(x.dtype)
         norm = linear_weight_norm(
             _transpose(weight, self.fan_in_fan_out), lora_weight.detach(), scaling
         ).detach()

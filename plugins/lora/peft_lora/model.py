@@ -15,7 +15,7 @@ from peft_lora.combination import CAT, FACTORS, SVD, parse_combination, split_op
 
 __all__ = ["LoraModel"]
 
-_BASE_MUTATING_INITS = ("olora",)
+_BASE_MUTATING_INITS = ("olora", "corda", "loftq")
 
 
 def _mutates_base(config: PeftConfig) -> bool:
@@ -40,8 +40,9 @@ class LoraModel(AdapterModel):
         configs = [*self.peft_config.values(), config]
         if len(configs) > 1 and any(_mutates_base(c) for c in configs):
             warnings.warn(
-                "A PiSSA/OLoRA adapter replaces the base weights by a residual, so other adapters on this model see "
-                "modified base weights. Convert the PiSSA/OLoRA adapter to a plain LoRA adapter, or keep it alone.",
+                "A PiSSA/OLoRA/CorDA/LoftQ adapter replaces the base weights (by a residual, or its quantized part), so "
+                "other adapters on this model see modified base weights. Convert the adapter to a plain LoRA adapter, "
+                "or keep it alone.",
                 UserWarning,
                 stacklevel=4,
             )
@@ -51,11 +52,15 @@ class LoraModel(AdapterModel):
         # different: their init also turns the base weight into the residual the adapter was trained
         # on, so an adapter saved with that init is only right on the original base if the init runs
         # again (as the reference library does). Convert such adapters with
-        # path_initial_model_for_weight_conversion to share them as plain LoRA.
+        # path_initial_model_for_weight_conversion to share them as plain LoRA. LoftQ runs again too
+        # (it is deterministic, and idempotent on a base that already holds its quantized weight).
+        # CorDA and EVA cannot: they need sample data. A CorDA adapter loads onto the base it is
+        # given, so give it the residual base, or convert it to plain LoRA.
         init = getattr(config, "init_lora_weights", True)
-        if init is True or str(init).lower().startswith(("pissa", "olora")):
+        if init is True or str(init).lower().startswith(("pissa", "olora", "loftq")):
             return config
-        return config.copy(init_lora_weights=True)
+        # (without the sub-configs of the init that is skipped, which would only warn)
+        return config.copy(init_lora_weights=True, eva_config=None, corda_config=None)
 
     # ------------------------------------------------------------------ add_weighted_adapter
     def add_weighted_adapter(

@@ -12,6 +12,7 @@ import warnings
 from peft_core.default_targets import LORA_STYLE_DEFAULT_TARGETS
 from peft_core.hookspecs import hookimpl
 from peft_core.layer import AdapterLayer
+from peft_core.quantization import is_adaptable_linear
 from peft_core.registry import Capabilities, LayerContext, MethodSpec, Registry
 from torch import nn
 
@@ -39,24 +40,12 @@ def _base_of(target: nn.Module) -> nn.Module:
     return target.get_base_layer() if isinstance(target, AdapterLayer) else target
 
 
-def _plain_float_weight(module: nn.Module) -> bool:
-    """Whether ``module`` keeps an ordinary floating-point weight.
-
-    Quantized layers (bitsandbytes, ...) subclass ``nn.Linear`` but keep packed integer weights;
-    their support belongs to a quantization backend's factory registered at a higher priority.
-    """
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, nn.Parameter) or not weight.dtype.is_floating_point:
-        return False
-    return not type(module).__module__.startswith("bitsandbytes")
-
-
 def linear_factory(
     target: nn.Module, adapter_name: str, config: LoraConfig, context: LayerContext
 ) -> LoraLayer | None:
     """LoRA for ``nn.Linear`` (with a plain floating-point weight)."""
     base = _base_of(target)
-    if not isinstance(base, nn.Linear) or not _plain_float_weight(base):
+    if not is_adaptable_linear(base):
         return None
     if config.fan_in_fan_out:
         warnings.warn(
@@ -121,7 +110,12 @@ def peft_register_methods(registry: Registry) -> None:
             model_cls=LoraModel,
             prefix="lora_",
             capabilities=Capabilities(
-                mergeable=True, mixable=True, identity_init=True, weighted_combination=True, mixed_batch=True
+                mergeable=True,
+                quantized_bases=True,
+                mixable=True,
+                identity_init=True,
+                weighted_combination=True,
+                mixed_batch=True,
             ),
             default_target_modules=LORA_STYLE_DEFAULT_TARGETS,
         )

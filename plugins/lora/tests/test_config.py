@@ -89,9 +89,6 @@ def test_invalid_values_and_combinations_are_refused(kwargs, fragment):
         ("megatron_config", {"tensor_model_parallel_size": 2}),
         ("megatron_core", "my.megatron"),
         ("trainable_token_indices", [0, 1]),
-        ("loftq_config", {"loftq_bits": 4, "loftq_iter": 1}),
-        ("eva_config", {"rho": 2.0}),
-        ("corda_config", {"corda_method": "ipm"}),
         ("lora_ga_config", {"direction": "ArB2r"}),
         ("velora_config", {"num_groups": 64}),
         ("alora_invocation_tokens", [1, 2]),
@@ -114,7 +111,7 @@ def test_unsupported_features_are_refused_by_name(option, value):
     assert option in message and "not supported yet by peft-lora" in message
 
 
-@pytest.mark.parametrize("init", ["loftq", "eva", "corda", "orthogonal", "mica", "lora_ga"])
+@pytest.mark.parametrize("init", ["orthogonal", "mica", "lora_ga"])
 def test_unsupported_inits_are_refused_by_name(init):
     with pytest.raises(ConfigError, match=f"init_lora_weights='{init}' is not supported yet by peft-lora"):
         LoraConfig(init_lora_weights=init)
@@ -125,6 +122,20 @@ def test_unsupported_inits_are_refused_by_name(init):
 )
 def test_supported_inits_are_accepted(init):
     assert LoraConfig(init_lora_weights=init).init_lora_weights == init
+
+
+@pytest.mark.parametrize(
+    ("init", "option", "value", "filled"),
+    [
+        ("eva", "eva_config", {"rho": 1.5}, {"rho": 1.5, "tau": 0.99, "whiten": False}),
+        ("corda", "corda_config", {"corda_method": "kpm"}, {"corda_method": "kpm", "cache_file": None}),
+        ("loftq", "loftq_config", {"loftq_iter": 2}, {"loftq_bits": 4, "loftq_iter": 2}),
+    ],
+)
+def test_init_sub_configs_are_filled_with_the_reference_defaults(init, option, value, filled):
+    config = LoraConfig(init_lora_weights=init, **{option: value})
+    assert filled.items() <= getattr(config, option).items()
+    assert PeftConfig.from_dict(config.to_dict()) == config
 
 
 def test_reference_default_json_loads_without_warnings(recwarn):

@@ -12,6 +12,7 @@ import warnings
 from peft_core.default_targets import LORA_STYLE_DEFAULT_TARGETS
 from peft_core.hookspecs import hookimpl
 from peft_core.layer import AdapterLayer
+from peft_core.quantization import is_plain_float
 from peft_core.registry import Capabilities, LayerContext, MethodSpec, Registry
 from torch import nn
 
@@ -36,18 +37,6 @@ def _base_of(target: nn.Module) -> nn.Module:
     return target.get_base_layer() if isinstance(target, AdapterLayer) else target
 
 
-def _plain_float_weight(module: nn.Module) -> bool:
-    """Whether ``module`` keeps an ordinary floating-point weight.
-
-    Quantized layers (bitsandbytes, ...) subclass ``nn.Linear`` but keep packed integer weights;
-    their support belongs to a quantization backend's factory registered at a higher priority.
-    """
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, nn.Parameter) or not weight.dtype.is_floating_point:
-        return False
-    return not type(module).__module__.startswith("bitsandbytes")
-
-
 def _warn_fan_in_fan_out(config: OFTConfig, context: LayerContext, kind: str) -> None:
     if config.fan_in_fan_out:
         warnings.warn(
@@ -63,7 +52,7 @@ def linear_factory(
 ) -> OFTLayer | None:
     """OFT for ``nn.Linear`` (with a plain floating-point weight)."""
     base = _base_of(target)
-    if not isinstance(base, nn.Linear) or not _plain_float_weight(base):
+    if not isinstance(base, nn.Linear) or not is_plain_float(base):
         return None
     _warn_fan_in_fan_out(config, context, "nn.Linear")
     return Linear(target, adapter_name, config, key=context.key)
@@ -74,7 +63,7 @@ def conv2d_factory(
 ) -> OFTLayer | None:
     """OFT for ``nn.Conv2d`` (ungrouped)."""
     base = _base_of(target)
-    if not isinstance(base, nn.Conv2d) or not _plain_float_weight(base):
+    if not isinstance(base, nn.Conv2d) or not is_plain_float(base):
         return None
     _warn_fan_in_fan_out(config, context, "nn.Conv2d")
     return Conv2d(target, adapter_name, config, key=context.key)
@@ -85,7 +74,7 @@ def embedding_factory(
 ) -> OFTLayer | None:
     """OFT for ``nn.Embedding``: the embedding vectors are rotated."""
     base = _base_of(target)
-    if not isinstance(base, nn.Embedding) or not _plain_float_weight(base):
+    if not isinstance(base, nn.Embedding) or not is_plain_float(base):
         return None
     return Embedding(target, adapter_name, config, key=context.key)
 

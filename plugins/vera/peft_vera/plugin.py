@@ -12,6 +12,7 @@ import warnings
 
 from peft_core.hookspecs import hookimpl
 from peft_core.layer import AdapterLayer
+from peft_core.quantization import is_adaptable_linear
 from peft_core.registry import Capabilities, LayerContext, MethodSpec, Registry
 from torch import nn
 
@@ -36,20 +37,12 @@ def _base_of(target: nn.Module) -> nn.Module:
     return target.get_base_layer() if isinstance(target, AdapterLayer) else target
 
 
-def _plain_float_weight(module: nn.Module) -> bool:
-    """Whether ``module`` keeps an ordinary floating-point weight (quantized linears do not)."""
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, nn.Parameter) or not weight.dtype.is_floating_point:
-        return False
-    return not type(module).__module__.startswith("bitsandbytes")
-
-
 def linear_factory(
     target: nn.Module, adapter_name: str, config: VeraConfig, context: LayerContext
 ) -> VeraLayer | None:
     """VeRA for ``nn.Linear`` (with a plain floating-point weight)."""
     base = _base_of(target)
-    if not isinstance(base, nn.Linear) or not _plain_float_weight(base):
+    if not is_adaptable_linear(base):
         return None
     if config.fan_in_fan_out:
         warnings.warn(
@@ -88,7 +81,7 @@ def peft_register_methods(registry: Registry) -> None:
             # f"{prefix}only", and VeRA's is "vera_only". Only parameters are matched against it, so the
             # frozen projection buffers (vera_A, vera_B) never train either way.
             prefix="vera_",
-            capabilities=Capabilities(mergeable=True, identity_init=True),
+            capabilities=Capabilities(mergeable=True, quantized_bases=True, identity_init=True),
             default_target_modules={**DEFAULT_TARGET_MODULES, **DEFAULT_TARGET_REGEXES},
         )
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from peft_core.hookspecs import hookimpl
+from peft_core.quantization import backend_for
 from peft_core.registry import Capabilities, LayerContext, MethodSpec, Registry
 from peft_core.tuner import AdapterModel
 from peft_toy.config import ToyConfig
@@ -19,7 +20,7 @@ def peft_register_methods(registry: Registry) -> None:
             config_cls=ToyConfig,
             model_cls=AdapterModel,
             prefix="toy_",
-            capabilities=Capabilities(mergeable=True, identity_init=True),
+            capabilities=Capabilities(mergeable=True, identity_init=True, quantized_bases=True),
         )
     )
 
@@ -27,7 +28,8 @@ def peft_register_methods(registry: Registry) -> None:
 def linear_factory(
     target: nn.Module, adapter_name: str, config: ToyConfig, context: LayerContext
 ) -> ToyLayer | None:
-    if type(target) is not nn.Linear:
+    # plain linears, and quantized ones that a registered backend handles
+    if type(target) is not nn.Linear and backend_for(target) is None:
         return None
     layer = ToyLayer(target)
     layer.update_layer(adapter_name, config, key=context.key)
