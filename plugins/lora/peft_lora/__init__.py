@@ -11,6 +11,7 @@ from peft_lora.config import LoraConfig
 from peft_lora.corda import preprocess_corda
 from peft_lora.eva import get_eva_state_dict, initialize_lora_eva_weights
 from peft_lora.init_configs import CordaConfig, EvaConfig, LoftQConfig
+from peft_lora.loftq import replace_lora_weights_loftq
 
 __version__ = "0.1.0"
 
@@ -23,4 +24,5 @@ __all__ = [
     "get_eva_state_dict",
     "initialize_lora_eva_weights",
     "preprocess_corda",
+    "replace_lora_weights_loftq",
 ]

@@ -27,7 +27,7 @@ from peft_core.errors import ConfigError
 
 from peft_lora.init_configs import LoftQConfig
 
-__all__ = ["NF4_CODE", "loftq_init", "quantize_dequantize"]
+__all__ = ["NF4_CODE", "loftq_init", "quantize_dequantize", "replace_lora_weights_loftq"]
 
 NF4_CODE = torch.tensor(
     [
@@ -127,3 +127,88 @@ def loftq_init(
     lora_B.data = (left / root).to(lora_B.dtype).contiguous()
     quantized = quantized.T if fan_in_fan_out else quantized
     base_weight.data = quantized.to(base_weight.dtype).contiguous()
+
+
+def _original_weights(peft_model, model_path: str | None):
+    """A ``name -> tensor`` reader over the base model's unquantized safetensors files (read lazily)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    if model_path is None:
+        name = getattr(getattr(peft_model.get_base_model(), "config", None), "_name_or_path", None)
+        if not name:
+            raise ValueError(
+                "replace_lora_weights_loftq needs the unquantized weights: pass model_path, the directory (or "
+                ".safetensors file) the base model was loaded from."
+            )
+        if Path(name).exists():
+            model_path = name
+        else:
+            from huggingface_hub import snapshot_download
+
+            model_path = snapshot_download(name, local_files_only=True, allow_patterns=["*.safetensors"])
+    path = Path(model_path)
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(
+            f"No .safetensors file under {str(path)!r}; replace_lora_weights_loftq reads the float weights there."
+        )
+    where = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            where.update(dict.fromkeys(handle.keys(), file))
+
+    def read(key: str) -> torch.Tensor:
+        for candidate in (key, key.removeprefix("model."), f"model.{key}"):
+            if candidate in where:
+                with safe_open(str(where[candidate]), framework="pt") as handle:
+                    return handle.get_tensor(candidate)
+        raise KeyError(f"{key!r} is not in the safetensors files under {str(path)!r}.")
+
+    return read
+
+
+@torch.no_grad()
+def replace_lora_weights_loftq(
+    peft_model, model_path: str | None = None, adapter_name: str = "default", callback=None
+):
+    """LoftQ (one step) for LoRA layers on an already-quantized base, of any quantization backend.
+
+    For each LoRA layer whose base a registered quantization backend handles, the factors are set
+    to the top-``r`` SVD of ``W - deq(Q)``, the part of the float weight ``W`` (read from the base
+    model's safetensors files, ``model_path``) that quantization lost; divided by ``sqrt(scaling)``
+    so that ``deq(Q) + scaling * B A`` fits ``W`` (the reference fits it only for ``lora_alpha == r``).
+    ``callback(model, module_name) -> bool`` may reject a replacement, which is then undone.
+    """
+    from peft_core.quantization import backend_for
+
+    from peft_lora.layer import LoraLayer
+
+    read = _original_weights(peft_model, model_path)
+    replaced = 0
+    prefix = "base_model.model."
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
+            continue
+        base = module.get_base_layer()
+        backend = backend_for(base)
+        if backend is None:
+            continue
+        key = name.removeprefix(prefix)
+        weight = read(key + ".weight").to(torch.float32)
+        residual = weight.to(base.weight.device) - backend.dequantize(base).float()
+        left, right = _top_r_factors(residual, module.r[adapter_name])
+        root = math.sqrt(module.scaling[adapter_name])
+        lora_A, lora_B = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
+        before = (lora_A.data, lora_B.data)
+        lora_A.data = (right / root).to(lora_A.dtype).contiguous()
+        lora_B.data = (left / root).to(lora_B.dtype).contiguous()
+        if callback is not None and not callback(peft_model, key):
+            lora_A.data, lora_B.data = before
+        replaced += 1
+    if not replaced:
+        raise ValueError(
+            "replace_lora_weights_loftq found no LoRA layer on a quantized base layer; load the base quantized "
+            "(e.g. 4-bit with bitsandbytes and the peft-bnb plugin) before adding LoRA."
+        )
