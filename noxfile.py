@@ -146,5 +146,6 @@ def docs(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Performance against the reference ``peft`` in one run: one JSON line per scenario (see benchmarks/)."""
     plugin_args = [a for p in PLUGINS for a in ("-e", f"plugins/{p}")]
-    _install(session, "-e", ".", *plugin_args, *HF_DEPS, *REFERENCE)
+    # accelerate: transformers loads bitsandbytes-quantized models through it (bench_qlora.py)
+    _install(session, "-e", ".", *plugin_args, *HF_DEPS, *TRAINER_DEPS[:1], *REFERENCE)
     session.run("python", "benchmarks/run_all.py", *session.posargs, env={"HF_HUB_OFFLINE": "1"})

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("import", "lifecycle", "forward", "mixed", "train")
+SCRIPTS = ("import", "lifecycle", "forward", "mixed", "train", "qlora")
 
 
 def main() -> int:

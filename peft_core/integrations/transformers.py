@@ -8,9 +8,12 @@ one import::
 
 Checkpoints are then ordinary adapter directories (the reference format), and
 ``resume_from_checkpoint`` and ``load_best_model_at_end`` load the adapters back in place.
-:class:`PeftTrainerMixin` does the same for any ``Trainer`` subclass (TRL's trainers)::
+:class:`PeftTrainerMixin` does the same for another ``Trainer`` subclass::
 
-    class MySFTTrainer(PeftTrainerMixin, trl.SFTTrainer): ...
+    class MyTrainer(PeftTrainerMixin, MyCustomTrainer): ...
+
+TRL's trainers need more than that (they recognise adapters by the reference's classes); use
+:mod:`peft_core.integrations.trl` for them.
 """
 
 from __future__ import annotations
