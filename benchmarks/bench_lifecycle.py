@@ -21,22 +21,30 @@ def _lora_config(lib, **kw):
     return lib.LoraConfig(r=R, lora_alpha=R, target_modules="all-linear", **kw)
 
 
+def _rounds(variants: dict, repeat: int) -> dict[str, float]:
+    """Round-robin medians (see :func:`common.measure_rounds`); None-valued variants are left out."""
+    return common.measure_rounds({k: v for k, v in variants.items() if v is not None}, repeat=repeat)
+
+
 def bench_inject(label: str, pool: common.ModelPool, repeat: int) -> None:
     ours, ref = common.ours(), common.reference()
     n_modules = len(common.linear_keys(pool.template))
-    t_ours = common.measure(lambda m: ours.get_peft_model(m, _lora_config(ours)), pool.fresh, repeat=repeat)
-    t_ref = (
-        common.measure(lambda m: ref.get_peft_model(m, _lora_config(ref)), pool.fresh, repeat=repeat)
-        if ref
-        else None
+    times = _rounds(
+        {
+            "ours": (lambda m: ours.get_peft_model(m, _lora_config(ours)), pool.fresh),
+            "ref": (lambda m: ref.get_peft_model(m, _lora_config(ref)), pool.fresh) if ref else None,
+            "floor": (lambda m: common.floor_inject(m, R, R), pool.fresh),
+        },
+        repeat,
     )
-    t_floor = common.measure(lambda m: common.floor_inject(m, R, R), pool.fresh, repeat=repeat)
+    t_ours, t_ref, t_floor = times["ours"], times.get("ref"), times["floor"]
     common.emit(
         f"get_peft_model[{label}]",
         ours=t_ours,
         reference=t_ref,
         floor=t_floor,
         modules=n_modules,
+        fastest_round_vs_floor=round(common.LAST_MINIMA["ours"] / common.LAST_MINIMA["floor"], 3),
         target="<= 1.5x floor and <= 0.33x reference",
         met=t_ours <= 1.5 * t_floor and (t_ref is None or t_ours <= 0.33 * t_ref),
     )
@@ -47,8 +55,7 @@ def bench_unload(pool: common.ModelPool, repeat: int) -> None:
 
     def wrapped(lib):
         def make():
-            model = lib.get_peft_model(pool.fresh(), _lora_config(lib, init_lora_weights="gaussian"))
-            return model
+            return lib.get_peft_model(pool.fresh(), _lora_config(lib, init_lora_weights="gaussian"))
 
         return make
 
@@ -59,16 +66,21 @@ def bench_unload(pool: common.ModelPool, repeat: int) -> None:
         ("merge_and_unload", 1.3, common.floor_merge_and_unload),
         ("unload", 2.0, common.floor_unload),
     ):
-        t_ours = common.measure(lambda m, op=op: getattr(m, op)(), wrapped(ours), repeat=repeat)
-        t_ref = (
-            common.measure(lambda m, op=op: getattr(m, op)(), wrapped(ref), repeat=repeat) if ref else None
+        times = _rounds(
+            {
+                "ours": (lambda m, op=op: getattr(m, op)(), wrapped(ours)),
+                "ref": (lambda m, op=op: getattr(m, op)(), wrapped(ref)) if ref else None,
+                "floor": (floor_fn, floor_make),
+            },
+            repeat,
         )
-        t_floor = common.measure(floor_fn, floor_make, repeat=repeat)
+        t_ours, t_ref, t_floor = times["ours"], times.get("ref"), times["floor"]
         common.emit(
             f"{op}[224 modules]",
             ours=t_ours,
             reference=t_ref,
             floor=t_floor,
+            fastest_round_vs_floor=round(common.LAST_MINIMA["ours"] / common.LAST_MINIMA["floor"], 3),
             target=f"<= {target_ratio}x floor",
             met=t_ours <= target_ratio * t_floor,
         )
@@ -92,19 +104,22 @@ def bench_from_pretrained(pool: common.ModelPool, repeat: int) -> None:
                     params[key[len(PREFIX) :]].copy_(value)
             return model
 
-        t_ours = common.measure(lambda m: ours.PeftModel.from_pretrained(m, tmp), pool.fresh, repeat=repeat)
-        t_ref = (
-            common.measure(lambda m: ref.PeftModel.from_pretrained(m, tmp), pool.fresh, repeat=repeat)
-            if ref
-            else None
+        times = _rounds(
+            {
+                "ours": (lambda m: ours.PeftModel.from_pretrained(m, tmp), pool.fresh),
+                "ref": (lambda m: ref.PeftModel.from_pretrained(m, tmp), pool.fresh) if ref else None,
+                "floor": (floor, pool.fresh),
+            },
+            repeat,
         )
-        t_floor = common.measure(floor, pool.fresh, repeat=repeat)
+    t_ours, t_ref, t_floor = times["ours"], times.get("ref"), times["floor"]
     common.emit(
         "from_pretrained[5M-param adapter, 224 modules]",
         ours=t_ours,
         reference=t_ref,
         floor=t_floor,
         adapter_params=n_params,
+        fastest_round_vs_floor=round(common.LAST_MINIMA["ours"] / common.LAST_MINIMA["floor"], 3),
         target="<= 1.5x floor",
         met=t_ours <= 1.5 * t_floor,
     )
@@ -113,7 +128,7 @@ def bench_from_pretrained(pool: common.ModelPool, repeat: int) -> None:
 def main() -> None:
     # intermediate 1376 makes r=16 on all 224 linears exactly ~5M adapter parameters.
     pool = common.ModelPool(lambda: common.llama_model(layers=32, hidden=512, intermediate=1376))
-    repeat = common.repeats(3)
+    repeat = common.repeats(5)
     bench_inject("224 modules", pool, repeat)
     bench_unload(pool, repeat)
     bench_from_pretrained(pool, repeat)

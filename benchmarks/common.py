@@ -60,6 +60,35 @@ def measure(
     return statistics.median(times)
 
 
+def measure_rounds(
+    variants: dict[str, tuple[Callable[[Any], Any], Callable[[], Any]]], *, repeat: int = 7, warmup: int = 1
+) -> dict[str, float]:
+    """Median wall time of each ``fn(setup())`` in ``variants``, one call of each per round.
+
+    Round-robin, so that load drifts and the allocator's state (what the previous variant
+    freed) hit every variant alike; measuring one variant's repeats after another's gave
+    ratios that moved by 30% between runs on this machine.
+    """
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for i in range(warmup + repeat):
+        for name, (fn, setup) in variants.items():
+            arg = setup()
+            gc.collect()
+            gc.disable()
+            try:
+                start = time.perf_counter()
+                fn(arg)
+                elapsed = time.perf_counter() - start
+            finally:
+                gc.enable()
+            del arg
+            if i >= warmup:
+                times[name].append(elapsed)
+    LAST_MINIMA.clear()
+    LAST_MINIMA.update({name: min(ts) for name, ts in times.items()})
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def measure_interleaved(
     fns: dict[str, Callable[[], Any]], *, repeat: int = 15, warmup: int = 2, inner: int = 1
 ) -> dict[str, float]:

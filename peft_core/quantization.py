@@ -59,6 +59,10 @@ class QuantizationBackend:
     weight_error_bound: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
     """``bound(layer, weight)``: an elementwise bound on ``|dequantize(requantize(weight)) - weight|`` with
     ``layer``'s quantization settings. The conformance kit holds merges to it."""
+    prepare: Callable[[nn.Module], None] | None = None
+    """Called on a layer of this backend before an adapter layer wraps it: put it in the state adapters
+    need (bitsandbytes 4-bit keeps its trainable layout). The conformance kit applies it to the bases
+    it compares against, too."""
     merge_is_lossy: bool = True
     """Re-quantizing rounds the merged weight, so merged outputs differ from unmerged ones."""
     plugin: str = ""

@@ -112,22 +112,34 @@ def expand_all_linear(model: nn.Module, extra_linear_types: Sequence[type] = ())
         except (NotImplementedError, AttributeError):
             output_layer = None
     names: set[str] = set()
-    wrappers: list[str] = []  # adapter layers and modules_to_save wrappers: their insides are no targets
-    for name, module in model.named_modules():
-        if any(name.startswith(w + ".") for w in wrappers):
+    output_name: str | None = None
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        name, module = stack.pop()
+        if id(module) in seen:
             continue
-        if hasattr(module, "base_layer") or hasattr(module, "original_module"):
-            wrappers.append(name)
-        base = getattr(module, "base_layer", module)
-        while hasattr(base, "base_layer"):  # stacked adapter layers (mixed models)
-            base = base.base_layer
-        if not isinstance(base, linear_types) or module is output_layer or base is output_layer:
-            continue
-        if output_layer is None and name.split(".")[-1] in {"lm_head"} and "." not in name:
-            continue
-        names.add(name.split(".")[-1])
-    output_name = None
-    if output_layer is not None:
+        seen.add(id(module))
+        children = module._modules
+        # Adapter layers and modules_to_save wrappers: their insides are no targets.
+        wrapper = "base_layer" in children or "original_module" in children
+        base = module
+        while (inner := base._modules.get("base_layer")) is not None:  # stacked layers (mixed models)
+            base = inner
+        if module is output_layer and output_name is None:
+            output_name = name.rpartition(".")[2]
+        if (
+            name
+            and isinstance(base, linear_types)
+            and module is not output_layer
+            and base is not output_layer
+            and not (output_layer is None and name == "lm_head")
+        ):
+            names.add(name.rpartition(".")[2])
+        if not wrapper:
+            head = f"{name}." if name else ""
+            stack.extend((head + k, c) for k, c in reversed(children.items()) if c is not None)
+    if output_layer is not None and output_name is None:  # inside a wrapper the walk skipped
         for name, module in model.named_modules():
             if module is output_layer:
                 output_name = name.split(".")[-1]

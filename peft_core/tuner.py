@@ -105,10 +105,7 @@ class AdapterModel(nn.Module):
         return config
 
     def _mark_only_adapters_as_trainable(self) -> None:
-        for name, param in self.model.named_parameters():
-            # modules_to_save copies are handled by their wrapper's set_adapter.
-            if self.prefix not in name and "modules_to_save." not in name:
-                param.requires_grad_(False)
+        self._freeze_base()
         for adapter in self.active_adapters:
             config = self.peft_config.get(adapter)
             # An adapter loaded for inference trains nothing, its biases included.
@@ -149,14 +146,39 @@ class AdapterModel(nn.Module):
         return isinstance(module, ModulesToSaveWrapper) or self.owns(module)
 
     def adapter_layers(self) -> Iterator[AdapterLayer]:
-        for module in self.model.modules():
-            if self.owns(module):
-                yield module  # type: ignore[misc]
+        for _, module in self.named_adapter_layers():
+            yield module
 
     def named_adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
-        for name, module in self.model.named_modules():
-            if self.owns(module):
+        for name, module in self._named_managed():
+            if not isinstance(module, ModulesToSaveWrapper):
                 yield name, module  # type: ignore[misc]
+
+    def _named_managed(self) -> Iterator[tuple[str, nn.Module]]:
+        """This method's adapter layers and the modules_to_save wrappers, in ``named_modules`` order.
+
+        The walk enters a layer of this method only through its ``base_layer`` (where another
+        method's layer may be stacked): the factor modules inside, most of an adapted model's
+        modules, never hold a layer, and every model-wide loop of this class walks the model.
+        """
+        seen: set[int] = set()
+        stack: list[tuple[str, nn.Module]] = [("", self.model)]
+        while stack:
+            name, module = stack.pop()
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            own = self.owns(module)
+            if own or isinstance(module, ModulesToSaveWrapper):
+                yield name, module
+            children = module._modules
+            if own:
+                base = children.get("base_layer")
+                children = {"base_layer": base} if base is not None else {}
+            prefix = f"{name}." if name else ""
+            stack.extend(
+                (prefix + key, child) for key, child in reversed(children.items()) if child is not None
+            )
 
     def _create_layer(
         self, target: nn.Module, adapter_name: str, config: PeftConfig, context: LayerContext
@@ -196,25 +218,40 @@ class AdapterModel(nn.Module):
                 f"support for quantized base layers. Methods that do: {able}. Use one of them, or exclude the "
                 "quantized modules from target_modules."
             )
+        if backend.prepare is not None:
+            backend.prepare(base)
 
     def _target_keys(self, config: PeftConfig) -> list[str]:
+        """Names of the modules ``config`` targets, in ``named_modules`` order.
+
+        Never inside an adapter layer (of any method), a modules_to_save wrapper or a module of
+        this method's own (``<prefix>*``): the walk does not enter them, where a filter over
+        ``named_modules`` would visit and reject each of their many modules.
+        """
         targets = getattr(config, "target_modules", None)
+        prefix = self.prefix
         keys = []
-        layer_paths: set[str] = set()  # adapter layers of any method: their insides are never targets
-        for key, module in self.model.named_modules():
-            if isinstance(module, AdapterLayer):
-                layer_paths.add(key)
-            if not key or isinstance(module, ModulesToSaveWrapper):
+        seen: set[int] = set()
+        stack: list[tuple[str, nn.Module]] = [("", self.model)]
+        while stack:
+            key, module = stack.pop()
+            if id(module) in seen:
                 continue
-            parts = key.split(".")
-            if any(part in {"modules_to_save", "original_module", "base_layer"} for part in parts):
+            seen.add(id(module))
+            if isinstance(module, ModulesToSaveWrapper):
                 continue
-            if self.prefix and any(part.startswith(self.prefix) for part in parts):
-                continue
-            if any(".".join(parts[:i]) in layer_paths for i in range(1, len(parts))):
-                continue
-            if match_target(config, key):
+            if key and match_target(config, key):
                 keys.append(key)
+            if isinstance(module, AdapterLayer):
+                continue
+            head = f"{key}." if key else ""
+            stack.extend(
+                (head + name, child)
+                for name, child in reversed(module._modules.items())
+                if child is not None
+                and name not in _NEVER_TARGETED
+                and not (prefix and name.startswith(prefix))
+            )
         if not keys:
             kinds = sorted(
                 {k.split(".")[-1] for k, m in self.model.named_modules() if isinstance(m, nn.Linear)}
@@ -225,8 +262,10 @@ class AdapterModel(nn.Module):
                 + f". Linear layers in this model are named: {kinds[:20]}."
             )
         if isinstance(targets, (list, tuple, set, frozenset)):
-            names = [k for k, _ in self.model.named_modules()]
-            missing = unmatched_entries(sorted(targets), names)
+            # An entry that a target matched is matched; only the rest needs every module's name.
+            missing = unmatched_entries(sorted(targets), keys)
+            if missing:
+                missing = unmatched_entries(missing, (k for k, _ in self.model.named_modules()))
             if missing:
                 warnings.warn(
                     f"target_modules entries {missing} matched no module of the model and were ignored.",
@@ -234,6 +273,51 @@ class AdapterModel(nn.Module):
                     stacklevel=4,
                 )
         return keys
+
+    def _freeze_base(self) -> None:
+        """Freeze every parameter outside the adapters (outside ``<prefix>*`` modules and modules_to_save copies).
+
+        A walk over modules rather than ``named_parameters``, which builds a dotted name for each
+        of the adapters' tensors only for them to be skipped.
+        """
+        prefix = self.prefix
+        if not prefix or "." in prefix:  # a prefix that spans module names: match full names
+            for name, param in self.model.named_parameters():
+                if prefix not in name and "modules_to_save." not in name:
+                    param.requires_grad_(False)
+            return
+        seen: set[int] = set()
+        stack: list[nn.Module] = [self.model]
+        while stack:
+            module = stack.pop()
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            for name, param in module._parameters.items():
+                if param is not None and prefix not in name:
+                    param.requires_grad_(False)
+            wrapper = isinstance(module, ModulesToSaveWrapper)
+            for name, child in module._modules.items():
+                # modules_to_save copies are handled by their wrapper's set_adapter.
+                if child is None or prefix in name or (wrapper and name == "modules_to_save"):
+                    continue
+                stack.append(child)
+
+    def _freeze_adapter(self, adapter_name: str) -> None:
+        """Freeze ``adapter_name``'s tensors (an adapter in inference mode trains nothing)."""
+        for module in self._managed():
+            if isinstance(module, ModulesToSaveWrapper):
+                copy = (
+                    module.modules_to_save[adapter_name] if adapter_name in module.modules_to_save else None
+                )
+                params = copy.parameters() if copy is not None else ()
+            else:
+                params = _adapter_tensors(module, adapter_name)
+            for param in params:
+                param.requires_grad_(False)
+
+    def _managed(self) -> list[nn.Module]:
+        return [module for _, module in self._named_managed()]
 
     def inject_adapter(self, adapter_name: str, config: PeftConfig, *, loading: bool = False) -> None:
         """Add ``adapter_name``: wrap (or extend) every targeted module, and set up modules_to_save."""
@@ -255,8 +339,8 @@ class AdapterModel(nn.Module):
         self._validate_new_adapter(config)
         build_config = self._config_for_loading(config) if loading else config
 
-        was_disabled = any(m.disable_adapters for m in self.model.modules() if self._manages(m))
         self.peft_config[adapter_name] = config
+        created: set[int] = set()
         try:
             keys = self._target_keys(config)
             # One walk instead of a root-to-leaf lookup per key; a key under a module replaced
@@ -279,6 +363,7 @@ class AdapterModel(nn.Module):
                     layer = self._create_layer(target, adapter_name, build_config, context)
                     setattr(parent, name, layer)
                     replaced.add(key)
+                    created.add(id(layer))
             self._add_modules_to_save(adapter_name, config)
         except BaseException:
             self._remove_adapter_everywhere(adapter_name)
@@ -287,19 +372,19 @@ class AdapterModel(nn.Module):
 
         # New adapter modules start enabled and in training mode; follow the model's state instead
         # (adapters disabled stay disabled, dropout stays off in eval).
-        for module in self.model.modules():
-            if self._manages(module):
-                module.train(self.model.training)
-                if was_disabled:
-                    module.enable_adapters(False)
+        managed = self._managed()
+        was_disabled = any(m.disable_adapters for m in managed if id(m) not in created)
+        training = self.model.training
+        for module in managed:
+            _set_training(module, training)
+            if was_disabled:
+                module.enable_adapters(False)
         if self.autocast_adapter_dtype:
-            self._upcast_adapter(adapter_name)
-        self.set_adapter(self.active_adapters)
+            self._upcast_adapter(adapter_name, managed)
+        self._activate(self.active_adapters, managed)
         self._mark_only_adapters_as_trainable()
         if config.inference_mode:
-            for name, param in self.model.named_parameters():
-                if f".{adapter_name}." in f".{name}." and (self.prefix in name or "modules_to_save" in name):
-                    param.requires_grad_(False)
+            self._freeze_adapter(adapter_name)
 
     def _layer_active(self, layer: AdapterLayer) -> list[str]:
         return [n for n in self.active_adapters if n in layer.adapter_names]
@@ -325,29 +410,22 @@ class AdapterModel(nn.Module):
                 f"modules_to_save={names!r} matched no module of the model; check the module names."
             )
 
-    def _upcast_adapter(self, adapter_name: str) -> None:
+    def _upcast_adapter(self, adapter_name: str, managed: list[nn.Module] | None = None) -> None:
         """Keep half-precision adapters in float32, as training them in fp16/bf16 is unstable."""
-        for layer in self.adapter_layers():
-            for attr in layer.adapter_layer_names:
-                container = getattr(layer, attr, None)
-                if container is None or adapter_name not in container:
-                    continue
-                for param in (
-                    [container[adapter_name]]
-                    if isinstance(container[adapter_name], torch.Tensor)
-                    else container[adapter_name].parameters()
-                ):
-                    if param.dtype in (torch.float16, torch.bfloat16):
-                        param.data = param.data.float()
+        for layer in self._managed() if managed is None else managed:
+            if isinstance(layer, ModulesToSaveWrapper):
+                continue
+            for param in _adapter_tensors(layer, adapter_name):
+                if param.dtype in (torch.float16, torch.bfloat16):
+                    param.data = param.data.float()
 
     def _remove_adapter_everywhere(self, adapter_name: str) -> None:
         """Delete every trace of ``adapter_name`` and unwrap modules left holding no adapter."""
-        for module in list(self.model.modules()):
-            if self._manages(module):
-                if self.owns(module) and adapter_name in module.merged_adapters:
-                    continue
-                module.delete_adapter(adapter_name)
-        for key, module in list(self.model.named_modules()):
+        for module in self._managed():
+            if self.owns(module) and adapter_name in module.merged_adapters:
+                continue
+            module.delete_adapter(adapter_name)
+        for key, module in list(self._named_managed()):
             if self.owns(module) and not module.adapter_names:
                 parent, _, name = _get_submodule(self.model, key)
                 setattr(parent, name, module.base_layer)
@@ -360,27 +438,28 @@ class AdapterModel(nn.Module):
         self.inject_adapter(adapter_name, config, loading=loading)
 
     def set_adapter(self, adapter_names: str | list[str]) -> None:
+        self._activate(adapter_names, self._managed())
+
+    def _activate(self, adapter_names: str | list[str], managed: list[nn.Module]) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"Unknown adapter(s) {unknown}; available: {list(self.peft_config)}.")
-        for module in self.model.modules():
-            if self.owns(module):
-                if module.merged:
-                    warnings.warn(
-                        "Adapters are merged; unmerging before switching adapters.", UserWarning, stacklevel=2
-                    )
-                    module.unmerge()
-                module.set_adapter([n for n in names if n in module.adapter_names])
-            elif isinstance(module, ModulesToSaveWrapper):
+        for module in managed:
+            if isinstance(module, ModulesToSaveWrapper):
                 module.set_adapter(names)
+                continue
+            if module.merged:
+                warnings.warn(
+                    "Adapters are merged; unmerging before switching adapters.", UserWarning, stacklevel=3
+                )
+                module.unmerge()
+            module.set_adapter([n for n in names if n in module.adapter_names])
         self.active_adapters = names
         # set_adapter turns requires_grad on for active adapters; inference-mode adapters stay frozen.
-        frozen = [f".{adapter}." for adapter in names if self.peft_config[adapter].inference_mode]
-        if frozen:
-            for name, param in self.model.named_parameters():
-                if any(part in f".{name}." for part in frozen):
-                    param.requires_grad_(False)
+        for adapter in names:
+            if self.peft_config[adapter].inference_mode:
+                self._freeze_adapter(adapter)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -391,9 +470,8 @@ class AdapterModel(nn.Module):
                     f"Adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it."
                 )
         del self.peft_config[adapter_name]
-        for module in self.model.modules():
-            if self._manages(module):
-                module.delete_adapter(adapter_name)
+        for module in self._managed():
+            module.delete_adapter(adapter_name)
         remaining = [n for n in self.active_adapters if n != adapter_name]
         if not remaining and self.peft_config:
             remaining = [next(iter(self.peft_config))]
@@ -402,9 +480,8 @@ class AdapterModel(nn.Module):
             self.set_adapter(remaining)
 
     def _set_adapter_layers(self, enabled: bool) -> None:
-        for module in self.model.modules():
-            if self._manages(module):
-                module.enable_adapters(enabled)
+        for module in self._managed():
+            module.enable_adapters(enabled)
 
     def enable_adapter_layers(self) -> None:
         self._set_adapter_layers(True)
@@ -422,7 +499,7 @@ class AdapterModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        states = {m: m.disable_adapters for m in self.model.modules() if self._manages(m)}
+        states = {m: m.disable_adapters for m in self._managed()}
         self.disable_adapter_layers()
         try:
             yield
@@ -655,6 +732,44 @@ class AdapterModel(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
+
+
+# Children of these names hold no targets: a wrapper's copies and original, an adapter layer's base.
+_NEVER_TARGETED = frozenset({"modules_to_save", "original_module", "base_layer"})
+
+
+def _adapter_tensors(layer: AdapterLayer, adapter_name: str) -> list[torch.Tensor]:
+    """The tensors ``layer`` keeps for ``adapter_name`` in its ``adapter_layer_names`` containers."""
+    tensors: list[torch.Tensor] = []
+    modules = layer._modules
+    for attr in layer.adapter_layer_names:
+        container = modules[attr] if attr in modules else getattr(layer, attr, None)
+        if container is None or adapter_name not in container:
+            continue
+        item = container[adapter_name]
+        if isinstance(item, torch.Tensor):
+            tensors.append(item)
+        elif not item._modules:  # a leaf module: its own tensors, without a generator walk
+            tensors.extend(p for p in item._parameters.values() if p is not None)
+        else:
+            tensors.extend(item.parameters())
+    return tensors
+
+
+def _set_training(module: nn.Module, mode: bool) -> None:
+    """``module.train(mode)``, without an ``nn.Module.__setattr__`` call per submodule.
+
+    New layers come in training mode and a model in eval mode turns each one's factor modules
+    off: thousands of modules. A module overriding ``train`` gets its own ``train`` called.
+    """
+    stack = [module]
+    while stack:
+        current = stack.pop()
+        if type(current).train is not nn.Module.train:
+            current.train(mode)
+            continue
+        current.__dict__["training"] = mode
+        stack.extend(child for child in current._modules.values() if child is not None)
 
 
 def _has_prefix_in(key: str, keys: set[str]) -> bool:

@@ -53,10 +53,12 @@ class QuantizedMLP(nn.Module):
 
 @st.composite
 def _cases(draw: st.DrawFn) -> tuple[int, int, int, int]:
-    # multiples of 16 keep every 4-bit block full, as in real models
-    n_in = draw(st.sampled_from([16, 32, 64]))
-    hidden = draw(st.sampled_from([32, 64]))
-    n_out = draw(st.sampled_from([16, 32]))
+    # Sizes as real models have them: inputs of whole 64-weight blocks and outputs of whole
+    # 32-row tiles. bitsandbytes' AVX512-BF16 CPU kernels (taken where the CPU has them)
+    # mis-quantize rows that end inside a block and cannot repack other output counts.
+    n_in = draw(st.sampled_from([64, 128]))
+    hidden = draw(st.sampled_from([64, 128]))
+    n_out = draw(st.sampled_from([32, 64]))
     return n_in, hidden, n_out, draw(st.integers(0, 2**16))
 
 
@@ -94,7 +96,10 @@ class QuantizedBaseConformance:
         if self.backend.quantize_linear is None:
             pytest.skip(f"backend {self.backend_name!r} cannot quantize a float linear for tests")
         for name in model.target_modules:
-            setattr(model, name, self.backend.quantize_linear(getattr(model, name)))
+            layer = self.backend.quantize_linear(getattr(model, name))
+            if self.backend.prepare is not None:  # the base as an adapter holds it (so bases compare)
+                self.backend.prepare(layer)
+            setattr(model, name, layer)
         return model
 
     def _adapted(self, case, *, identity: bool) -> tuple[PeftModel, QuantizedMLP, torch.Tensor]:

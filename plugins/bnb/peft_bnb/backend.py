@@ -31,11 +31,57 @@ def _is(module: nn.Module, name: str) -> bool:
 
 
 # ---------------------------------------------------------------------- 4-bit
-def dequantize_4bit(module: nn.Module) -> torch.Tensor:
+def _canonical_4bit(weight: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """``weight``'s 4-bit data and quant state in bitsandbytes' standard layout.
+
+    On CPUs with AVX512-BF16, a ``Linear4bit`` run in eval mode without gradients repacks its
+    weight in place into a CPU-only layout (``quant_state.packing_format_for_cpu``, with the
+    block scales cast to bfloat16), which ``dequantize_4bit`` cannot read. This unpacks a copy,
+    keeping those bfloat16 scales: the values the packed kernel computes with.
+    """
+    import copy
+
+    import bitsandbytes as bnb
+
+    state = weight.quant_state
+    if not getattr(state, "packing_format_for_cpu", False):
+        return weight.data, state
+    packed_absmax = state.absmax
+    state = copy.copy(state)  # the inverse rewrites the state's fields
+    state.original_nested = False  # keep the scales as they are, not re-quantized
+    data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(weight.data, state)
+    # packing stored the scales as (blocks per row, rows); back to one per block, in order
+    state.absmax = packed_absmax.T.contiguous().reshape(-1).float()
+    return data, state
+
+
+def prepare_4bit(module: nn.Module) -> None:
+    """Keep ``module`` in the standard layout while adapters hold it.
+
+    The AVX512-BF16 repacking (see :func:`_canonical_4bit`) happens at the layer's first
+    inference forward; afterwards bitsandbytes raises on the next training forward, so a
+    training run that evaluates in between (Trainer's eval loop) would crash, and the weights
+    would differ from those the adapter was trained on. Adapted layers use the standard kernel.
+    """
     import bitsandbytes as bnb
 
     weight = module.weight
-    return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    if getattr(weight.quant_state, "packing_format_for_cpu", False):
+        data, state = _canonical_4bit(weight)
+        settings = {
+            k: getattr(weight, k) for k in ("quant_type", "blocksize", "compress_statistics", "quant_storage")
+        }
+        module.weight = bnb.nn.Params4bit(
+            data, requires_grad=False, quant_state=state, bnb_quantized=True, module=module, **settings
+        )
+    module.support_avx512bf16_for_cpu = False
+
+
+def dequantize_4bit(module: nn.Module) -> torch.Tensor:
+    import bitsandbytes as bnb
+
+    data, state = _canonical_4bit(module.weight)
+    return bnb.functional.dequantize_4bit(data, state)
 
 
 def requantize_4bit(module: nn.Module, weight: torch.Tensor) -> None:
@@ -50,7 +96,8 @@ def requantize_4bit(module: nn.Module, weight: torch.Tensor) -> None:
         "quant_storage": old.quant_storage,
         "module": module,
     }
-    dtype = old.quant_state.dtype if old.quant_state is not None else weight.dtype
+    state = _canonical_4bit(old)[1] if old.quant_state is not None else None
+    dtype = state.dtype if state is not None else weight.dtype
     fresh = bnb.nn.Params4bit(weight.to("cpu", dtype=dtype).contiguous(), requires_grad=False, **settings)
     module.weight = fresh.to(old.device)
 
@@ -98,7 +145,7 @@ def error_bound_4bit(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     """
     import bitsandbytes as bnb
 
-    state = module.weight.quant_state
+    state = _canonical_4bit(module.weight)[1]
     code = torch.sort(bnb.functional.get_4bit_type(module.weight.quant_type, device="cpu").float()).values
     half_gap = float((code[1:] - code[:-1]).max()) / 2
     flat = weight.detach().float().flatten().cpu()
@@ -177,6 +224,7 @@ BNB_4BIT = QuantizationBackend(
     requantize=requantize_4bit,
     quantize_linear=quantize_4bit,
     weight_error_bound=error_bound_4bit,
+    prepare=prepare_4bit,
 )
 
 BNB_8BIT = QuantizationBackend(

@@ -71,3 +71,57 @@ def test_importing_the_core_lora_and_this_plugin_does_not_import_bitsandbytes():
         """
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------------- AVX512-BF16 CPUs
+def _repacks_on_this_cpu() -> bool:
+    layer = quantize_4bit(nn.Linear(64, 32)).eval()
+    with torch.no_grad():
+        layer(torch.randn(2, 64))
+    return bool(getattr(layer.weight.quant_state, "packing_format_for_cpu", False))
+
+
+def test_a_repacked_4bit_layer_dequantizes_to_what_its_kernel_computes_with():
+    """bitsandbytes repacks a Linear4bit at its first inference forward on AVX512-BF16 CPUs."""
+    if not _repacks_on_this_cpu():
+        pytest.skip("bitsandbytes does not repack 4-bit weights on this CPU (no AVX512-BF16)")
+    torch.manual_seed(0)
+    layer = quantize_4bit(nn.Linear(128, 64, bias=False)).eval()
+    standard = BNB_4BIT.dequantize(layer)
+    x = torch.randn(5, 128)
+    with torch.no_grad():
+        out = layer(x)
+    assert layer.weight.quant_state.packing_format_for_cpu
+    repacked = BNB_4BIT.dequantize(layer)
+    # the same codes on bfloat16 scales: within a bf16 rounding of each weight, and exactly the kernel's weight
+    assert (repacked - standard).abs().max() <= standard.abs().max() * 2**-8
+    torch.testing.assert_close(out, x @ repacked.T, atol=2e-2, rtol=2e-2)
+    assert layer.weight.quant_state.packing_format_for_cpu, "dequantizing must leave the layer as it was"
+    # prepare returns it to the standard layout with those same values, and keeps it there
+    BNB_4BIT.prepare(layer)
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    torch.testing.assert_close(BNB_4BIT.dequantize(layer), repacked, atol=0, rtol=0)
+    with torch.no_grad():
+        layer(x)
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+
+
+def test_qlora_trains_after_an_evaluation_pass():
+    """Trainer evaluates between steps; on AVX512-BF16 CPUs bitsandbytes would repack and then raise."""
+    from peft_core import get_peft_model
+    from peft_lora import LoraConfig
+
+    torch.manual_seed(0)
+    base = nn.Sequential(quantize_4bit(nn.Linear(64, 64)), nn.ReLU(), quantize_4bit(nn.Linear(64, 32)))
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["0", "2"], init_lora_weights=False))
+    x = torch.randn(8, 64)
+    model.eval()
+    with torch.no_grad():
+        evaluated = model(x)
+    model.train()
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), evaluated, atol=0, rtol=0)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from peft_core.errors import ConfigError
-from peft_core.layer import AdapterLayer
+from peft_core.layer import AdapterLayer, linear_init_bound, new_linear
 from peft_core.quantization import dequantized_weight
 from peft_core.targeting import pattern_value
 from torch import nn
@@ -116,19 +116,30 @@ class LoraLayer(AdapterLayer):
         self.use_dora: dict[str, bool]
         self.use_rslora: dict[str, bool]
         self.lora_bias: dict[str, bool]
-        # Plain attributes straight into __dict__: nn.Module.__setattr__ only adds checks for
-        # parameters/modules, and a model gets hundreds of these layers.
-        self.__dict__.update(r={}, lora_alpha={}, scaling={}, use_dora={}, use_rslora={}, lora_bias={})
-        self.lora_dropout = nn.ModuleDict()
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-        self.lora_embedding_A = nn.ParameterDict()
-        self.lora_embedding_B = nn.ParameterDict()
-        self.lora_magnitude_vector = nn.ModuleDict()
-        self.fan_in_fan_out = fan_in_fan_out
-        # DoRA: the weight norm each merged adapter was merged with, needed to unmerge it exactly.
-        self._dora_merge_norms: dict[str, torch.Tensor] = {}
-        self.in_features, self.out_features = self._features(self.get_base_layer())
+        # Straight into __dict__ and _modules (this object is new, so no name is taken):
+        # nn.Module.__setattr__ only adds checks, and a model gets thousands of these layers.
+        in_features, out_features = self._features(self.get_base_layer())
+        self.__dict__.update(
+            r={},
+            lora_alpha={},
+            scaling={},
+            use_dora={},
+            use_rslora={},
+            lora_bias={},
+            fan_in_fan_out=fan_in_fan_out,
+            # DoRA: the weight norm each merged adapter was merged with, needed to unmerge it exactly.
+            _dora_merge_norms={},
+            in_features=in_features,
+            out_features=out_features,
+        )
+        self._modules.update(
+            lora_dropout=nn.ModuleDict(),
+            lora_A=nn.ModuleDict(),
+            lora_B=nn.ModuleDict(),
+            lora_embedding_A=nn.ParameterDict(),
+            lora_embedding_B=nn.ParameterDict(),
+            lora_magnitude_vector=nn.ModuleDict(),
+        )
 
     def _features(self, base: nn.Module) -> tuple[int, int]:
         raise NotImplementedError
@@ -160,7 +171,7 @@ class LoraLayer(AdapterLayer):
             )
             self._create_factors(adapter_name, r, config.lora_bias)
             # LoftQ needs its options, not only the init's name; they are read during the init only.
-            self._loftq_options = (
+            self.__dict__["_loftq_options"] = (
                 init_options("loftq_config", config.loftq_config)
                 if config.init_lora_weights == "loftq"
                 else None
@@ -168,7 +179,7 @@ class LoraLayer(AdapterLayer):
             try:
                 self._init_factors(adapter_name, config.init_lora_weights, key)
             finally:
-                del self._loftq_options
+                del self.__dict__["_loftq_options"]
             if not self._factors_fit_base(adapter_name):
                 self._move_adapter_to_device_of_base_layer(adapter_name)
             if config.use_dora:
@@ -504,8 +515,7 @@ class Linear(LoraLayer):
         fan_in_fan_out: bool = False,
     ) -> None:
         super().__init__(base_layer, fan_in_fan_out=fan_in_fan_out)
-        self.is_target_conv_1d_layer = fan_in_fan_out
-        self._active_adapters = [adapter_name]
+        self.__dict__.update(is_target_conv_1d_layer=fan_in_fan_out, _active_adapters=[adapter_name])
         self.update_layer(adapter_name, config, key=key)
 
     def _features(self, base: nn.Module) -> tuple[int, int]:
@@ -515,8 +525,8 @@ class Linear(LoraLayer):
         return int(n_in), int(n_out)
 
     def _create_factors(self, adapter_name: str, r: int, lora_bias: bool) -> None:
-        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias)
+        self.lora_A[adapter_name] = new_linear(self.in_features, r, bias=False)
+        self.lora_B[adapter_name] = new_linear(r, self.out_features, bias=lora_bias)
 
     def _init_factors(self, adapter_name: str, init: bool | str, key: str) -> None:
         if init is False:
@@ -708,15 +718,19 @@ class Linear(LoraLayer):
         return result.to(result_dtype)
 
 
+@torch.no_grad()
 def _reset_linear_factors(lora_A: nn.Module, lora_B: nn.Module, init: bool | str, r: int) -> None:
     """Identity init of ``B(A(x))``: A random (Kaiming-uniform or Gaussian 1/r), B (and its bias) zero."""
+    weight = lora_A.weight
     if init is True:
-        nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
+        # kaiming_uniform_(a=sqrt(5)), the same draws without its per-call bookkeeping
+        bound = linear_init_bound(weight.shape[1] * math.prod(weight.shape[2:]))  # fan_in, as torch counts it
+        weight.uniform_(-bound, bound)
     else:
-        nn.init.normal_(lora_A.weight, std=1 / r)
-    nn.init.zeros_(lora_B.weight)
+        weight.normal_(0.0, 1 / r)
+    lora_B.weight.zero_()
     if lora_B.bias is not None:
-        nn.init.zeros_(lora_B.bias)
+        lora_B.bias.zero_()
 
 
 # ---------------------------------------------------------------------- Embedding

@@ -14,13 +14,14 @@ from torch import nn
 from peft_lora import LoftQConfig, LoraConfig
 from peft_lora.loftq import NF4_CODE, quantize_dequantize
 
-W = torch.randn(48, 80, generator=torch.Generator().manual_seed(0))
-X = torch.randn(5, 80, generator=torch.Generator().manual_seed(1))
+# whole 64-blocks per row: bitsandbytes' AVX512-BF16 CPU quantizer (the reference's, on such CPUs) is wrong otherwise
+W = torch.randn(48, 128, generator=torch.Generator().manual_seed(0))
+X = torch.randn(5, 128, generator=torch.Generator().manual_seed(1))
 
 
 def base() -> nn.Module:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(80, 48), nn.Tanh(), nn.Linear(48, 8))
+    model = nn.Sequential(nn.Linear(128, 48), nn.Tanh(), nn.Linear(48, 8))
     with torch.no_grad():
         model[0].weight.copy_(W)
     return model
