@@ -50,6 +50,16 @@ def _uses_checkpointing(model: nn.Module) -> bool:
     return any(module.__dict__.get("gradient_checkpointing") for module in model.modules())
 
 
+def _to_eval(model: nn.Module) -> None:
+    """``model.eval()``, skipped when every module is in eval mode already.
+
+    A loaded base usually is, new adapter layers follow it, and ``eval()`` costs an
+    ``nn.Module.__setattr__`` per module: a tenth of loading an adapter.
+    """
+    if any(module.training for module in model.modules()):
+        model.eval()
+
+
 class PeftModel(nn.Module):
     """A base model with adapters of one method, managed under peft's names.
 
@@ -85,6 +95,8 @@ class PeftModel(nn.Module):
             low_cpu_mem_usage=low_cpu_mem_usage,
             loading=_loading,
         )
+        # The wrappers are in the base's mode, as the adapter layers are.
+        self.training = self.base_model.training = model.training
         if checkpointing and hasattr(model, "enable_input_require_grads"):
             # With a frozen embedding, checkpointed blocks would see inputs that need no grad and
             # drop the adapters' gradients.
@@ -411,7 +423,7 @@ class PeftModel(nn.Module):
             peft_model.base_model.unload()
             raise
         if not is_trainable:
-            peft_model.eval()
+            _to_eval(peft_model)
         return peft_model
 
     def load_adapter(

@@ -159,9 +159,14 @@ def check_not_mixed(model: nn.Module, config: PeftConfig) -> None:
     model wrapping the same base would bypass or see shifted by the virtual tokens.
     """
     spec = get_registry().method(config.peft_type or "")
-    prompt_models = [m for m in model.modules() if isinstance(m, PromptLearningModel)]
+    prompt_models, layer_types = [], set()
+    for module in model.modules():
+        if isinstance(module, PromptLearningModel):
+            prompt_models.append(module)
+        elif isinstance(module, AdapterLayer):
+            layer_types.add(type(module).__name__)
     if spec.capabilities.prompt_learning:
-        layered = sorted({type(m).__name__ for m in model.modules() if isinstance(m, AdapterLayer)})
+        layered = sorted(layer_types)
         # More adapters of the same method are that method's model's business (one active at a time).
         prompt_models = [m for m in prompt_models if m.spec.peft_type != spec.peft_type]
         if layered or prompt_models:

@@ -60,7 +60,7 @@ def _adapter_entries(model: nn.Module, adapter_name: str) -> Iterator[tuple[str,
             for model_key, ckpt_key, tensor, writer in entries(owner, adapter_name):
                 yield path + model_key, ckpt_key, tensor, writer
             return
-    for path, module in model.named_modules():
+    for path, module in _named_modules_outside_factors(model):
         prefix = f"{path}." if path else ""
         if isinstance(module, AdapterLayer):
             # A layer stacked under another method's (mixed models) saves under the module's own
@@ -82,6 +82,28 @@ def _adapter_entries(model: nn.Module, adapter_name: str) -> Iterator[tuple[str,
         elif isinstance(module, AdapterModel):
             for model_suffix, ckpt_suffix, tensor in module.adapter_state_items(adapter_name):
                 yield prefix + model_suffix, prefix + ckpt_suffix, tensor, _copy_into(tensor)
+
+
+def _named_modules_outside_factors(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``model.named_modules()``, entering adapter layers only through ``base_layer``.
+
+    The rest of a layer's modules are its factors, most of an adapted model's modules, and
+    what they hold is enumerated by the layer's own ``adapter_state_items``.
+    """
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        path, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield path, module
+        children = module._modules
+        if isinstance(module, AdapterLayer):
+            base = children.get("base_layer")
+            children = {"base_layer": base} if base is not None else {}
+        head = f"{path}." if path else ""
+        stack.extend((head + name, child) for name, child in reversed(children.items()) if child is not None)
 
 
 def _bias_entries(model: nn.Module, config: Any) -> Iterator[tuple[str, str, torch.Tensor]]:

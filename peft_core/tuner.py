@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import torch
@@ -303,9 +303,9 @@ class AdapterModel(nn.Module):
                     continue
                 stack.append(child)
 
-    def _freeze_adapter(self, adapter_name: str) -> None:
+    def _freeze_adapter(self, adapter_name: str, managed: list[nn.Module] | None = None) -> None:
         """Freeze ``adapter_name``'s tensors (an adapter in inference mode trains nothing)."""
-        for module in self._managed():
+        for module in self._managed() if managed is None else managed:
             if isinstance(module, ModulesToSaveWrapper):
                 copy = (
                     module.modules_to_save[adapter_name] if adapter_name in module.modules_to_save else None
@@ -381,10 +381,10 @@ class AdapterModel(nn.Module):
                 module.enable_adapters(False)
         if self.autocast_adapter_dtype:
             self._upcast_adapter(adapter_name, managed)
-        self._activate(self.active_adapters, managed)
+        self._activate(self.active_adapters, managed, fresh=created)
         self._mark_only_adapters_as_trainable()
-        if config.inference_mode:
-            self._freeze_adapter(adapter_name)
+        if config.inference_mode and adapter_name not in self.active_adapters:  # _activate froze active ones
+            self._freeze_adapter(adapter_name, managed)
 
     def _layer_active(self, layer: AdapterLayer) -> list[str]:
         return [n for n in self.active_adapters if n in layer.adapter_names]
@@ -440,7 +440,14 @@ class AdapterModel(nn.Module):
     def set_adapter(self, adapter_names: str | list[str]) -> None:
         self._activate(adapter_names, self._managed())
 
-    def _activate(self, adapter_names: str | list[str], managed: list[nn.Module]) -> None:
+    def _activate(
+        self, adapter_names: str | list[str], managed: list[nn.Module], *, fresh: Collection[int] = ()
+    ) -> None:
+        """Make ``adapter_names`` the active adapters of every layer in ``managed``.
+
+        Layers in ``fresh`` (ids of layers created a moment ago, which activated their one
+        adapter themselves) are skipped where that already is the wanted set.
+        """
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
@@ -454,12 +461,15 @@ class AdapterModel(nn.Module):
                     "Adapters are merged; unmerging before switching adapters.", UserWarning, stacklevel=3
                 )
                 module.unmerge()
-            module.set_adapter([n for n in names if n in module.adapter_names])
+            wanted = [n for n in names if n in module.adapter_names]
+            if id(module) in fresh and module.active_adapters == wanted:
+                continue
+            module.set_adapter(wanted)
         self.active_adapters = names
         # set_adapter turns requires_grad on for active adapters; inference-mode adapters stay frozen.
         for adapter in names:
             if self.peft_config[adapter].inference_mode:
-                self._freeze_adapter(adapter)
+                self._freeze_adapter(adapter, managed)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
