@@ -39,27 +39,6 @@ def repeats(full: int) -> int:
     return max(2, full // 4) if QUICK else full
 
 
-def measure(
-    fn: Callable[[Any], Any], setup: Callable[[], Any] | None = None, *, repeat: int = 7, warmup: int = 1
-) -> float:
-    """Median wall time of ``fn(setup())`` in seconds; ``setup`` (untimed) runs before every call."""
-    times = []
-    for i in range(warmup + repeat):
-        arg = setup() if setup is not None else None
-        gc.collect()
-        gc.disable()
-        try:
-            start = time.perf_counter()
-            fn(arg)
-            elapsed = time.perf_counter() - start
-        finally:
-            gc.enable()
-        del arg
-        if i >= warmup:
-            times.append(elapsed)
-    return statistics.median(times)
-
-
 def measure_rounds(
     variants: dict[str, tuple[Callable[[Any], Any], Callable[[], Any]]], *, repeat: int = 7, warmup: int = 1
 ) -> dict[str, float]:
