@@ -1,7 +1,8 @@
 """Adapter lifecycle on a 32-layer Llama-style model: inject, merge/unload, load from disk.
 
-Rows: ``get_peft_model`` (224 modules and ~2000 modules), ``merge_and_unload``, ``unload``,
-``from_pretrained`` of a 5M-parameter adapter. Floors are hand-written swap loops
+Rows: ``get_peft_model`` (224 modules and ~2000 modules, the latter also with the garbage
+collector on, as users run it), ``merge_and_unload``, ``unload``, ``from_pretrained`` of a
+5M-parameter adapter. Floors are hand-written swap loops
 (:func:`common.floor_inject`) and a bare safetensors load copied into the parameters.
 """
 
@@ -21,12 +22,15 @@ def _lora_config(lib, **kw):
     return lib.LoraConfig(r=R, lora_alpha=R, target_modules="all-linear", **kw)
 
 
-def _rounds(variants: dict, repeat: int) -> dict[str, float]:
+def _rounds(variants: dict, repeat: int, *, collector: bool = False) -> dict[str, float]:
     """Round-robin medians (see :func:`common.measure_rounds`); None-valued variants are left out."""
-    return common.measure_rounds({k: v for k, v in variants.items() if v is not None}, repeat=repeat)
+    return common.measure_rounds(
+        {k: v for k, v in variants.items() if v is not None}, repeat=repeat, collector=collector
+    )
 
 
-def bench_inject(label: str, pool: common.ModelPool, repeat: int) -> None:
+def bench_inject(label: str, pool: common.ModelPool, repeat: int, *, collector: bool = False) -> None:
+    """``collector``: with the garbage collector on, as in a user's process (an extra, informational row)."""
     ours, ref = common.ours(), common.reference()
     n_modules = len(common.linear_keys(pool.template))
     times = _rounds(
@@ -36,17 +40,20 @@ def bench_inject(label: str, pool: common.ModelPool, repeat: int) -> None:
             "floor": (lambda m: common.floor_inject(m, R, R), pool.fresh),
         },
         repeat,
+        collector=collector,
     )
     t_ours, t_ref, t_floor = times["ours"], times.get("ref"), times["floor"]
+    met = t_ours <= 1.5 * t_floor and (t_ref is None or t_ours <= 0.33 * t_ref)
     common.emit(
-        f"get_peft_model[{label}]",
+        f"get_peft_model[{label}{', collector on' if collector else ''}]",
         ours=t_ours,
         reference=t_ref,
         floor=t_floor,
         modules=n_modules,
         fastest_round_vs_floor=round(common.LAST_MINIMA["ours"] / common.LAST_MINIMA["floor"], 3),
-        target="<= 1.5x floor and <= 0.33x reference",
-        met=t_ours <= 1.5 * t_floor and (t_ref is None or t_ours <= 0.33 * t_ref),
+        target="<= 1.5x floor and <= 0.33x reference" + (" (informational)" if collector else ""),
+        met=None if collector else met,
+        **({"would_meet": met} if collector else {}),
     )
 
 
@@ -134,7 +141,8 @@ def main() -> None:
     bench_from_pretrained(pool, repeat)
     del pool
     big = common.ModelPool(lambda: common.llama_model(layers=286, hidden=64, intermediate=128))
-    bench_inject("2002 modules", big, common.repeats(3))
+    bench_inject("2002 modules", big, common.repeats(5))
+    bench_inject("2002 modules", big, common.repeats(3), collector=True)
 
 
 if __name__ == "__main__":

@@ -40,20 +40,27 @@ def repeats(full: int) -> int:
 
 
 def measure_rounds(
-    variants: dict[str, tuple[Callable[[Any], Any], Callable[[], Any]]], *, repeat: int = 7, warmup: int = 1
+    variants: dict[str, tuple[Callable[[Any], Any], Callable[[], Any]]],
+    *,
+    repeat: int = 7,
+    warmup: int = 1,
+    collector: bool = False,
 ) -> dict[str, float]:
     """Median wall time of each ``fn(setup())`` in ``variants``, one call of each per round.
 
     Round-robin, so that load drifts and the allocator's state (what the previous variant
     freed) hit every variant alike; measuring one variant's repeats after another's gave
-    ratios that moved by 30% between runs on this machine.
+    ratios that moved by 30% between runs on this machine. The garbage collector is off
+    during each call, as ``timeit`` keeps it, unless ``collector``: then each call runs as in
+    a user's process, paying for the collections its allocations trigger.
     """
     times: dict[str, list[float]] = {name: [] for name in variants}
     for i in range(warmup + repeat):
         for name, (fn, setup) in variants.items():
             arg = setup()
             gc.collect()
-            gc.disable()
+            if not collector:
+                gc.disable()
             try:
                 start = time.perf_counter()
                 fn(arg)

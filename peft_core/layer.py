@@ -13,6 +13,7 @@ import functools
 import math
 import warnings
 from abc import abstractmethod
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,7 @@ from peft_core.quantization import writable_float_weight
 if TYPE_CHECKING:
     from peft_core.config import PeftConfig
 
-__all__ = ["AdapterLayer", "check_adapters_to_merge", "linear_init_bound", "new_linear"]
+__all__ = ["AdapterLayer", "check_adapters_to_merge", "linear_init_bound", "new_linear", "new_module"]
 
 
 class AdapterLayer(nn.Module):
@@ -357,9 +358,7 @@ def new_linear(in_features: int, out_features: int, bias: bool = True) -> nn.Lin
     costs four ``nn.Module.__setattr__`` calls and a Python Kaiming init per factor, a third
     of injecting a LoRA layer; models get thousands of factors.
     """
-    layer = nn.Linear.__new__(nn.Linear)
-    nn.Module.__init__(layer)
-    layer.__dict__.update(in_features=in_features, out_features=out_features)
+    layer = new_module(nn.Linear, in_features=in_features, out_features=out_features)
     bound = linear_init_bound(in_features)
     params = layer._parameters
     with torch.no_grad():
@@ -383,3 +382,59 @@ def linear_init_bound(fan_in: int) -> float:
         return 0.0
     gain = math.sqrt(2.0 / (1 + math.sqrt(5) ** 2))
     return math.sqrt(3.0) * (gain / math.sqrt(fan_in))
+
+
+_FRESH_CONTAINERS = (dict, OrderedDict, set)
+
+
+@functools.cache
+def _module_template(cls: type[nn.Module]) -> tuple[dict[str, Any], tuple[tuple[str, type], ...]] | None:
+    """What ``cls()`` leaves in a new instance's ``__dict__``: shared values, and containers to renew.
+
+    Read off one real instance, so it follows the installed torch. A class that needs arguments
+    gets ``nn.Module``'s own state only. None when the instance holds anything else (a tensor,
+    a submodule): such a class is built through its ``__init__``.
+    """
+    try:
+        instance = cls()
+    except TypeError:  # needs arguments (nn.Linear): only nn.Module's own state, the caller sets the rest
+        instance = cls.__new__(cls)
+        nn.Module.__init__(instance)
+    plain: dict[str, Any] = {}
+    containers: list[tuple[str, type]] = []
+    for name, value in vars(instance).items():
+        if type(value) in _FRESH_CONTAINERS:
+            if value:
+                return None
+            containers.append((name, type(value)))
+        elif value is None or type(value) in (bool, int, float, str):
+            plain[name] = value
+        else:
+            return None
+    return plain, tuple(containers)
+
+
+def new_module(cls: type[nn.Module], /, **attrs: Any) -> nn.Module:
+    """A new ``cls()`` with ``attrs`` set, without running ``nn.Module.__init__``.
+
+    That init sets seventeen attributes through ``object.__setattr__`` and checks its
+    arguments: a third of creating an adapter layer's containers, and a model gets thousands.
+    For classes whose ``__init__`` only sets plain values and empty containers (ModuleDict,
+    ParameterDict, Identity, Dropout); any other goes through ``cls()`` as usual. A class whose
+    ``__init__`` needs arguments (``nn.Linear``) gets only ``nn.Module``'s state, and the caller
+    passes the rest in ``attrs``. ``attrs`` are set directly and unchecked, so they must be
+    plain values the class would have set itself.
+    """
+    template = _module_template(cls)
+    if template is None:
+        module = cls()
+        module.__dict__.update(attrs)
+        return module
+    plain, containers = template
+    module = cls.__new__(cls)
+    state = module.__dict__
+    state.update(plain)
+    for name, kind in containers:
+        state[name] = kind()
+    state.update(attrs)
+    return module

@@ -21,6 +21,7 @@ from peft_core.errors import CheckpointShapeError
 from peft_core.layer import AdapterLayer
 from peft_core.modules_to_save import ModulesToSaveWrapper
 from peft_core.tuner import AdapterModel
+from peft_core.walk import through_base_layer, walk
 
 __all__ = ["LoadResult", "get_peft_model_state_dict", "set_peft_model_state_dict"]
 
@@ -90,20 +91,7 @@ def _named_modules_outside_factors(model: nn.Module) -> Iterator[tuple[str, nn.M
     The rest of a layer's modules are its factors, most of an adapted model's modules, and
     what they hold is enumerated by the layer's own ``adapter_state_items``.
     """
-    seen: set[int] = set()
-    stack: list[tuple[str, nn.Module]] = [("", model)]
-    while stack:
-        path, module = stack.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        yield path, module
-        children = module._modules
-        if isinstance(module, AdapterLayer):
-            base = children.get("base_layer")
-            children = {"base_layer": base} if base is not None else {}
-        head = f"{path}." if path else ""
-        stack.extend((head + name, child) for name, child in reversed(children.items()) if child is not None)
+    return walk(model, lambda m: through_base_layer(m) if isinstance(m, AdapterLayer) else m._modules)
 
 
 def _bias_entries(model: nn.Module, config: Any) -> Iterator[tuple[str, str, torch.Tensor]]:

@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from peft_core.walk import walk
+
 __all__ = [
     "ALL_LINEAR",
     "expand_all_linear",
@@ -113,16 +115,7 @@ def expand_all_linear(model: nn.Module, extra_linear_types: Sequence[type] = ())
             output_layer = None
     names: set[str] = set()
     output_name: str | None = None
-    seen: set[int] = set()
-    stack: list[tuple[str, nn.Module]] = [("", model)]
-    while stack:
-        name, module = stack.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        children = module._modules
-        # Adapter layers and modules_to_save wrappers: their insides are no targets.
-        wrapper = "base_layer" in children or "original_module" in children
+    for name, module in walk(model, _outside_wrappers):
         base = module
         while (inner := base._modules.get("base_layer")) is not None:  # stacked layers (mixed models)
             base = inner
@@ -136,9 +129,6 @@ def expand_all_linear(model: nn.Module, extra_linear_types: Sequence[type] = ())
             and not (output_layer is None and name == "lm_head")
         ):
             names.add(name.rpartition(".")[2])
-        if not wrapper:
-            head = f"{name}." if name else ""
-            stack.extend((head + k, c) for k, c in reversed(children.items()) if c is not None)
     if output_layer is not None and output_name is None:  # inside a wrapper the walk skipped
         for name, module in model.named_modules():
             if module is output_layer:
@@ -146,6 +136,12 @@ def expand_all_linear(model: nn.Module, extra_linear_types: Sequence[type] = ())
     if output_name is not None:
         names.discard(output_name)
     return sorted(names)
+
+
+def _outside_wrappers(module: nn.Module) -> Mapping[str, nn.Module | None]:
+    """Children to search for targets: none inside adapter layers and modules_to_save wrappers."""
+    children = module._modules
+    return {} if "base_layer" in children or "original_module" in children else children
 
 
 def pattern_key(patterns: Iterable[str], key: str) -> str | None:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from peft_core.errors import ConfigError
-from peft_core.layer import AdapterLayer, linear_init_bound, new_linear
+from peft_core.layer import AdapterLayer, linear_init_bound, new_linear, new_module
 from peft_core.quantization import dequantized_weight
 from peft_core.targeting import pattern_value
 from torch import nn
@@ -133,12 +133,12 @@ class LoraLayer(AdapterLayer):
             out_features=out_features,
         )
         self._modules.update(
-            lora_dropout=nn.ModuleDict(),
-            lora_A=nn.ModuleDict(),
-            lora_B=nn.ModuleDict(),
-            lora_embedding_A=nn.ParameterDict(),
-            lora_embedding_B=nn.ParameterDict(),
-            lora_magnitude_vector=nn.ModuleDict(),
+            lora_dropout=new_module(nn.ModuleDict),
+            lora_A=new_module(nn.ModuleDict),
+            lora_B=new_module(nn.ModuleDict),
+            lora_embedding_A=new_module(nn.ParameterDict),
+            lora_embedding_B=new_module(nn.ParameterDict),
+            lora_magnitude_vector=new_module(nn.ModuleDict),
         )
 
     def _features(self, base: nn.Module) -> tuple[int, int]:
@@ -167,7 +167,9 @@ class LoraLayer(AdapterLayer):
             self.use_dora[adapter_name] = config.use_dora
             self.lora_bias[adapter_name] = config.lora_bias
             self.lora_dropout[adapter_name] = (
-                nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0.0 else nn.Identity()
+                new_module(nn.Dropout, p=config.lora_dropout)
+                if config.lora_dropout > 0.0
+                else new_module(nn.Identity)
             )
             self._create_factors(adapter_name, r, config.lora_bias)
             # LoftQ needs its options, not only the init's name; they are read during the init only.
