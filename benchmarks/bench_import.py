@@ -31,7 +31,8 @@ def main() -> None:
     have_ref = common.reference() is not None
     names = [n for n in SNIPPETS if have_ref or n != "reference"]
     samples: dict[str, list[float]] = {n: [] for n in names}
-    for _ in range(common.repeats(5)):
+    # Three rounds: the reference's import alone is ~14 s a sample, and the margin is wide.
+    for _ in range(common.repeats(3)):
         for name in names:  # round-robin: load drifts hit every snippet alike
             samples[name].append(_time(SNIPPETS[name]))
     t = {n: statistics.median(s) for n, s in samples.items()}

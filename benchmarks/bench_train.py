@@ -18,7 +18,7 @@ import common
 import torch
 
 R = 16
-STEPS = 3
+STEPS = 6  # timed steps per library; with 3, the median moved by 30% between runs on this machine
 
 
 def _rss_bytes() -> int:
