@@ -211,9 +211,10 @@ def python() -> str:
 class FloorLoraLinear(nn.Module):
     """The least a LoRA linear needs: the base layer and two factors, no bookkeeping."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float) -> None:
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
         self.base_layer = base
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.lora_A = nn.Linear(base.in_features, r, bias=False)
         self.lora_B = nn.Linear(r, base.out_features, bias=False)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=5**0.5)
@@ -221,11 +222,15 @@ class FloorLoraLinear(nn.Module):
         self.scaling = alpha / r
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + self.lora_B(self.lora_A(x)) * self.scaling
+        return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
 
 
 def floor_inject(
-    model: nn.Module, r: int = 16, alpha: float = 16, names: tuple[str, ...] = LINEAR_NAMES
+    model: nn.Module,
+    r: int = 16,
+    alpha: float = 16,
+    names: tuple[str, ...] = LINEAR_NAMES,
+    dropout: float = 0.0,
 ) -> nn.Module:
     """A bare module swap loop: find the targets, wrap each, freeze the base."""
     for param in model.parameters():
@@ -233,7 +238,7 @@ def floor_inject(
     for key, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and key.rpartition(".")[2] in names:
             parent_key, _, name = key.rpartition(".")
-            setattr(model.get_submodule(parent_key), name, FloorLoraLinear(module, r, alpha))
+            setattr(model.get_submodule(parent_key), name, FloorLoraLinear(module, r, alpha, dropout))
     return model
 
 
