@@ -228,6 +228,10 @@ class MethodConformance:
     """Several active adapters act as the sum of their separate weight updates (LoRA and most
     delta methods). Set False for methods that compose otherwise (IA3 multiplies its scalings);
     the state machine then checks multi-adapter states against a freshly rebuilt model instead."""
+    training_lr: ClassVar[float] = 5e-3
+    """Adam's learning rate in ``training_steps_lower_the_loss``. Adam moves every parameter by about
+    this much per step whatever its scale, so a method whose trainable factors start small (e.g.
+    0.02-std products) needs a smaller one, or a step overshoots and the loss goes up for no fault."""
 
     # ------------------------------------------------------------------ to provide / override
     def config_strategy(self, case: ModelCase, *, identity: bool) -> st.SearchStrategy[PeftConfig]:
@@ -554,7 +558,9 @@ class MethodConformance:
         # A teacher within ~3% (RMS) of the student leaves too little to learn for Adam's fixed step
         # (constrained methods such as COFT can barely move): such draws are not checked.
         assume(initial > 1e-3 * target.pow(2).mean().item())
-        optimizer = torch.optim.Adam([p for p in s.model.parameters() if p.requires_grad], lr=5e-3)
+        optimizer = torch.optim.Adam(
+            [p for p in s.model.parameters() if p.requires_grad], lr=self.training_lr
+        )
         # Steps in eval mode: this checks that gradients reach the adapter and descend; dropout's noise
         # (up to half the modules dropped per step) could hide that in 20 steps.
         with torch.random.fork_rng():
@@ -566,7 +572,8 @@ class MethodConformance:
         with torch.no_grad():
             final = loss_of(s.model.eval()).item()
         assert final < initial, (
-            f"{_TRAINING_STEPS} Adam steps (lr 5e-3) did not lower the loss: {initial:.6g} -> {final:.6g}"
+            f"{_TRAINING_STEPS} Adam steps (lr {self.training_lr:g}) did not lower the loss: "
+            f"{initial:.6g} -> {final:.6g}"
         )
         changed = [
             n for n, value in frozen.items() if not torch.equal(s.model.get_parameter(n).detach(), value)

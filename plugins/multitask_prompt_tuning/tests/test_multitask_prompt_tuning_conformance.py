@@ -32,6 +32,10 @@ def multitask_llama_case() -> ModelCase:
 class TestMultitaskPromptTuningConformance(MethodConformance):
     peft_type = "MULTITASK_PROMPT_TUNING"
     layer_kinds = ("llama",)
+    # The task factors start at std 0.02, so Adam's default 5e-3 moves them by a quarter of their
+    # scale per step: about 1 draw in 60 overshot and ended above its start (CI, seed 2155).
+    # At 1e-3, 200 drawn cases all ended lower (at most 0.75 of the start).
+    training_lr = 1e-3
 
     def case_strategy(self) -> st.SearchStrategy[ModelCase]:
         return st.just(multitask_llama_case())
