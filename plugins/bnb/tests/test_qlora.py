@@ -166,6 +166,30 @@ def test_methods_without_quantized_bases_are_refused_by_name(float_dir):
         get_peft_model(model, OFTConfig(target_modules=["q_proj"], r=4, oft_block_size=0))
 
 
+@pytest.mark.parametrize(
+    ("init", "fix"),
+    [
+        ("pissa", "quantize the residual model"),
+        ("olora", "quantize the residual model"),
+        ("loftq", "replace_lora_weights_loftq"),
+    ],
+)
+def test_weight_derived_inits_refuse_a_quantized_base_and_name_the_fix(float_dir, init, fix):
+    from peft_core import LoftQConfig
+    from peft_core.errors import ConfigError
+
+    model = load_quantized(float_dir, "4bit")
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    options = {"loftq_config": LoftQConfig()} if init == "loftq" else {}
+    with pytest.raises(
+        ConfigError, match=rf"init_lora_weights='{init}' needs a float32.*torch\.uint8.*{fix}"
+    ):
+        get_peft_model(model, LoraConfig(target_modules=["q_proj"], r=4, init_lora_weights=init, **options))
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
+
+
 # ---------------------------------------------------------------------- against the reference
 @pytest.mark.compat
 @pytest.mark.parametrize("bits", BITS)

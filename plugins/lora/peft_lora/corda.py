@@ -27,6 +27,7 @@ from peft_core.errors import ConfigError
 from peft_core.targeting import expand_all_linear, match_target, pattern_value
 from torch import nn
 
+from peft_lora.init import require_float_weight
 from peft_lora.init_configs import CordaConfig, init_options
 
 __all__ = ["CordaEigens", "corda_init", "preprocess_corda"]
@@ -251,11 +252,7 @@ def corda_init(
             "preprocess_corda(model, lora_config, run_model=...) before get_peft_model."
         )
     weight = base_layer.weight
-    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ConfigError(
-            f"init_lora_weights='corda' needs a float32, float16 or bfloat16 base weight, got {weight.dtype}. "
-            "Initialise on an unquantized model, then quantize the residual model."
-        )
+    require_float_weight(weight, "corda")
     out_features, in_features = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else weight.shape
     U, S, V = eigens.U_WC, eigens.S_WC, eigens.V_WC
     expected = {"U_WC": (out_features, r), "S_WC": (r,), "V_WC": (in_features, r)}

@@ -12,17 +12,22 @@ import re
 import torch
 from peft_core.errors import ConfigError
 
-__all__ = ["olora_init", "pissa_init"]
+__all__ = ["olora_init", "pissa_init", "require_float_weight"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_QUANTIZE_AFTER = "Initialise on an unquantized model, then quantize the residual model."
+
+
+def require_float_weight(weight: torch.Tensor, what: str, fix: str = _QUANTIZE_AFTER) -> None:
+    """Weight-derived inits (PiSSA, OLoRA, CorDA, LoftQ) decompose the weight itself: refuse quantized storage."""
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise ConfigError(
+            f"init_lora_weights={what!r} needs a float32, float16 or bfloat16 base weight, got {weight.dtype}. {fix}"
+        )
 
 
 def _base_weight_as_out_in(weight: torch.Tensor, fan_in_fan_out: bool, what: str) -> torch.Tensor:
-    if weight.dtype not in _FLOAT_DTYPES:
-        raise ConfigError(
-            f"init_lora_weights={what!r} needs a float32, float16 or bfloat16 base weight, got {weight.dtype}. "
-            "Initialise on an unquantized model, then quantize the residual model."
-        )
+    require_float_weight(weight, what)
     weight = weight.detach().to(torch.float32)
     return weight.T if fan_in_fan_out else weight
 

@@ -86,9 +86,17 @@ def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return weight.T if fan_in_fan_out else weight
 
 
-def _low_precision_on_cpu(tensor: torch.Tensor) -> bool:
-    # Half-precision matmuls are slow (or missing) on many CPUs: compute deltas in float32 there.
-    return tensor.device.type == "cpu" and tensor.dtype in (torch.float16, torch.bfloat16)
+def _factors_for_delta(
+    weight_A: torch.Tensor, weight_B: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """``A``, ``B`` to multiply, and the dtype to return the delta in.
+
+    Half-precision matmuls are slow (or missing) on many CPUs: there the delta is computed in float32.
+    """
+    dtype = weight_A.dtype
+    if weight_B.device.type == "cpu" and weight_B.dtype in (torch.float16, torch.bfloat16):
+        return weight_A.float(), weight_B.float(), dtype
+    return weight_A, weight_B, dtype
 
 
 class LoraLayer(AdapterLayer):
@@ -596,13 +604,11 @@ class Linear(LoraLayer):
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``scaling * B @ A``, in the base weight's layout (transposed for ``Conv1D``)."""
-        weight_A = self.lora_A[adapter_name].weight
-        weight_B = self.lora_B[adapter_name].weight
-        upcast = _low_precision_on_cpu(weight_B)
-        if upcast:
-            weight_A, weight_B = weight_A.float(), weight_B.float()
+        weight_A, weight_B, dtype = _factors_for_delta(
+            self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        )
         delta = _transpose(weight_B @ weight_A, self.fan_in_fan_out) * self.scaling[adapter_name]
-        return delta.to(self.lora_B[adapter_name].weight.dtype) if upcast else delta
+        return delta.to(dtype)
 
     def _dora_merge_norm(
         self, adapter_name: str, base_weight: torch.Tensor, delta: torch.Tensor
@@ -800,13 +806,11 @@ class Embedding(LoraLayer):
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``scaling * (B @ A)^T``: (num_embeddings, embedding_dim) like the base weight."""
-        weight_A = self.lora_embedding_A[adapter_name]
-        weight_B = self.lora_embedding_B[adapter_name]
-        upcast = _low_precision_on_cpu(weight_B)
-        if upcast:
-            weight_A, weight_B = weight_A.float(), weight_B.float()
+        weight_A, weight_B, dtype = _factors_for_delta(
+            self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+        )
         delta = (weight_B @ weight_A).T * self.scaling[adapter_name]
-        return delta.to(self.lora_embedding_A[adapter_name].dtype) if upcast else delta
+        return delta.to(dtype)
 
     def _dora_merge_norm(
         self, adapter_name: str, base_weight: torch.Tensor, delta: torch.Tensor
@@ -992,11 +996,9 @@ class _ConvNd(LoraLayer):
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``scaling`` times the kernel equivalent to ``lora_B(lora_A(.))``."""
-        weight_A = self.lora_A[adapter_name].weight
-        weight_B = self.lora_B[adapter_name].weight
-        upcast = _low_precision_on_cpu(weight_B)
-        if upcast:
-            weight_A, weight_B = weight_A.float(), weight_B.float()
+        weight_A, weight_B, dtype = _factors_for_delta(
+            self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        )
         if all(k == 1 for k in self.get_base_layer().weight.shape[2:]):
             delta = torch.mm(weight_B.flatten(1), weight_A.flatten(1)).view(
                 self.get_base_layer().weight.shape
@@ -1005,7 +1007,7 @@ class _ConvNd(LoraLayer):
             # Composing the two convs is itself a convolution of A's kernel (as a batch) with B.
             delta = self._conv_fn(weight_A.transpose(0, 1), weight_B).transpose(0, 1)
         delta = delta * self.scaling[adapter_name]
-        return delta.to(self.lora_A[adapter_name].weight.dtype) if upcast else delta
+        return delta.to(dtype)
 
     def _check_mergeable(self, adapter_name: str) -> None:
         if self.get_base_layer().groups > 1:

@@ -25,6 +25,7 @@ import math
 import torch
 from peft_core.errors import ConfigError
 
+from peft_lora.init import require_float_weight
 from peft_lora.init_configs import LoftQConfig
 
 __all__ = ["NF4_CODE", "loftq_init", "quantize_dequantize", "replace_lora_weights_loftq"]
@@ -104,12 +105,12 @@ def loftq_init(
     options: LoftQConfig,
 ) -> None:
     """Write the LoftQ factors into ``lora_A``/``lora_B`` and ``Q`` into ``base_weight`` (in place)."""
-    if base_weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ConfigError(
-            f"init_lora_weights='loftq' needs a float32, float16 or bfloat16 base weight, got {base_weight.dtype}; "
-            "it quantizes the unquantized weight itself. For a model already quantized with bitsandbytes, initialise "
-            "the LoRA weights with replace_lora_weights_loftq instead."
-        )
+    require_float_weight(
+        base_weight,
+        "loftq",
+        "LoftQ quantizes the unquantized weight itself. For a model already quantized with bitsandbytes, "
+        "initialise the LoRA weights with replace_lora_weights_loftq instead.",
+    )
     weight = base_weight.detach().to(torch.float32)
     weight = weight.T if fan_in_fan_out else weight
     if r > min(weight.shape):
