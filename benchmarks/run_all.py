@@ -30,7 +30,7 @@ def main() -> int:
     env = dict(os.environ, BENCH_QUICK="1" if args.quick else os.environ.get("BENCH_QUICK", "0"))
     # Users import from installed bytecode. Without a bytecode cache (PYTHONDONTWRITEBYTECODE on an
     # env installed with --no-compile) every fresh interpreter recompiles torch and transformers:
-    # imports took 2-3x as long and the run 750 s instead of ~500 s. The first import writes the cache.
+    # imports took 2-3x as long and the run 750 s instead of 548 s. The first import writes the cache.
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     rows, failed, seconds = [], [], {}
     start = time.perf_counter()

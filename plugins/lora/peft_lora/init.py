@@ -12,7 +12,7 @@ import re
 import torch
 from peft_core.errors import ConfigError
 
-__all__ = ["olora_init", "pissa_init", "require_float_weight"]
+__all__ = ["base_weight_as_out_in", "olora_init", "pissa_init", "require_float_weight"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _QUANTIZE_AFTER = "Initialise on an unquantized model, then quantize the residual model."
@@ -26,8 +26,11 @@ def require_float_weight(weight: torch.Tensor, what: str, fix: str = _QUANTIZE_A
         )
 
 
-def _base_weight_as_out_in(weight: torch.Tensor, fan_in_fan_out: bool, what: str) -> torch.Tensor:
-    require_float_weight(weight, what)
+def base_weight_as_out_in(
+    weight: torch.Tensor, fan_in_fan_out: bool, what: str, fix: str = _QUANTIZE_AFTER
+) -> torch.Tensor:
+    """The base weight in float32, as (out, in), for an init that decomposes it."""
+    require_float_weight(weight, what, fix)
     weight = weight.detach().to(torch.float32)
     return weight.T if fan_in_fan_out else weight
 
@@ -64,7 +67,7 @@ def pissa_init(
     ``init`` is ``"pissa"`` (exact SVD) or ``"pissa_niter_<n>"`` (randomised SVD with ``n``
     subspace iterations). ``lora_A``/``lora_B`` are the factor weights, written in place.
     """
-    weight = _base_weight_as_out_in(base_weight, fan_in_fan_out, init)
+    weight = base_weight_as_out_in(base_weight, fan_in_fan_out, init)
     _check_rank(r, weight, init)
     if init == "pissa":
         U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
@@ -95,7 +98,7 @@ def olora_init(
     fan_in_fan_out: bool,
 ) -> None:
     """OLoRA: ``B = Q[:, :r]`` and ``A = R[:r]`` from the QR decomposition of ``W``."""
-    weight = _base_weight_as_out_in(base_weight, fan_in_fan_out, "olora")
+    weight = base_weight_as_out_in(base_weight, fan_in_fan_out, "olora")
     _check_rank(r, weight, "olora")
     Q, R = torch.linalg.qr(weight)
     new_B, new_A = Q[:, :r].contiguous(), R[:r].contiguous()

@@ -25,7 +25,7 @@ import math
 import torch
 from peft_core.errors import ConfigError
 
-from peft_lora.init import require_float_weight
+from peft_lora.init import base_weight_as_out_in
 from peft_lora.init_configs import LoftQConfig
 
 __all__ = ["NF4_CODE", "loftq_init", "quantize_dequantize", "replace_lora_weights_loftq"]
@@ -105,14 +105,13 @@ def loftq_init(
     options: LoftQConfig,
 ) -> None:
     """Write the LoftQ factors into ``lora_A``/``lora_B`` and ``Q`` into ``base_weight`` (in place)."""
-    require_float_weight(
+    weight = base_weight_as_out_in(
         base_weight,
+        fan_in_fan_out,
         "loftq",
         "LoftQ quantizes the unquantized weight itself. For a model already quantized with bitsandbytes, "
         "initialise the LoRA weights with replace_lora_weights_loftq instead.",
     )
-    weight = base_weight.detach().to(torch.float32)
-    weight = weight.T if fan_in_fan_out else weight
     if r > min(weight.shape):
         raise ConfigError(
             f"init_lora_weights='loftq' fits a rank-r part of a weight of shape {tuple(weight.shape)}, so r must be at "
