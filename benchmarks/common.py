@@ -253,8 +253,10 @@ def floor_layers(model: nn.Module) -> list[tuple[nn.Module, str, FloorLoraLinear
 
 @torch.no_grad()
 def floor_merge_and_unload(model: nn.Module) -> nn.Module:
+    """One GEMM accumulating into each weight: less work than ``weight += scaling * B @ A``,
+    which allocates and walks two weight-sized temporaries per layer."""
     for parent, name, layer in floor_layers(model):
-        layer.base_layer.weight += (layer.lora_B.weight @ layer.lora_A.weight) * layer.scaling
+        layer.base_layer.weight.addmm_(layer.lora_B.weight, layer.lora_A.weight, alpha=layer.scaling)
         setattr(parent, name, layer.base_layer)
     return model
 

@@ -33,6 +33,7 @@ from peft_lora.combination import combine_into
 from peft_lora.config import LoraConfig
 from peft_lora.corda import corda_init
 from peft_lora.dora import DoraMagnitude, conv_weight_norm, linear_weight_norm
+from peft_lora.dropout import dropout_input
 from peft_lora.init import olora_init, pissa_init
 from peft_lora.init_configs import init_options
 from peft_lora.loftq import loftq_init
@@ -406,6 +407,14 @@ class LoraLayer(AdapterLayer):
         factor = self._dora_factor(adapter_name, self._dora_merge_norms[adapter_name])
         return (weight / factor - delta).to(weight.dtype)
 
+    def _add_delta_(self, adapter_name: str, weight: torch.Tensor, sign: float) -> None:
+        """``weight += sign * delta`` in place; layers whose delta is one matmul fuse it (see Linear)."""
+        delta = self.get_delta_weight(adapter_name).to(weight.dtype)
+        if sign > 0:
+            weight += delta
+        else:
+            weight -= delta
+
     def _bias_delta(self, adapter_name: str) -> torch.Tensor | None:
         if not self.lora_bias.get(adapter_name) or adapter_name not in self.lora_B:
             return None
@@ -416,9 +425,8 @@ class LoraLayer(AdapterLayer):
         self._check_mergeable(adapter_name)
         base = self.get_base_layer()
         if not safe_merge and not self.use_dora.get(adapter_name):
-            # In place, as the reference does: the same single rounding as ``weight + delta``,
-            # without a fresh weight-sized tensor (and its page faults) per layer.
-            base.weight.data += self.get_delta_weight(adapter_name).to(base.weight.dtype)
+            # In place: no fresh weight-sized tensor (and its page faults) per layer.
+            self._add_delta_(adapter_name, base.weight.data, 1.0)
             bias_delta = self._bias_delta(adapter_name)
             if bias_delta is not None:
                 base.bias.data += bias_delta.to(base.bias.dtype)
@@ -441,7 +449,10 @@ class LoraLayer(AdapterLayer):
     @torch.no_grad()
     def unmerge_one(self, adapter_name: str) -> None:
         base = self.get_base_layer()
-        base.weight.data = self._unmerged_weight(adapter_name, base.weight.data)
+        if self.use_dora.get(adapter_name):
+            base.weight.data = self._unmerged_weight(adapter_name, base.weight.data)
+        else:
+            self._add_delta_(adapter_name, base.weight.data, -1.0)
         self._dora_merge_norms.pop(adapter_name, None)
         bias_delta = self._bias_delta(adapter_name)
         if bias_delta is not None:
@@ -602,6 +613,24 @@ class Linear(LoraLayer):
         norm = linear_weight_norm(base_weight, lora_weight, self.scaling[adapter_name])
         self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm)
 
+    def _add_delta_(self, adapter_name: str, weight: torch.Tensor, sign: float) -> None:
+        # One GEMM accumulating into the weight: no delta-sized temporaries, one pass over it,
+        # where the plain ``weight += scaling * B @ A`` makes two and three passes.
+        weight_A, weight_B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        half_on_cpu = weight.device.type == "cpu" and weight.dtype in (torch.float16, torch.bfloat16)
+        if (
+            half_on_cpu
+            or not weight_A.dtype == weight_B.dtype == weight.dtype
+            or weight_A.device != weight.device
+        ):
+            super()._add_delta_(adapter_name, weight, sign)
+            return
+        alpha = sign * self.scaling[adapter_name]
+        if self.fan_in_fan_out:  # Conv1D stores (in, out): add (B @ A)^T = A^T @ B^T
+            weight.addmm_(weight_A.T, weight_B.T, alpha=alpha)
+        else:
+            weight.addmm_(weight_B, weight_A, alpha=alpha)
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``scaling * B @ A``, in the base weight's layout (transposed for ``Conv1D``)."""
         weight_A, weight_B, dtype = _factors_for_delta(
@@ -716,13 +745,15 @@ class Linear(LoraLayer):
             if self.use_dora.get(name):
                 result = result + self._dora_output(name, x, result)
                 continue
-            output = self.lora_B[name](lora_A(self.lora_dropout[name](x)))
+            dropped, factor = dropout_input(self.lora_dropout[name], x)
+            output = self.lora_B[name](lora_A(dropped))
+            scaling = self.scaling[name] * factor
             if plain_base and output.dtype == result.dtype:
                 # F.linear's output is not saved for backward, so it can take the scaled sum in
                 # place: one fused pass, no extra tensor of the output's size per layer.
-                result.add_(output, alpha=self.scaling[name])
+                result.add_(output, alpha=scaling)
             else:
-                result = result + output * self.scaling[name]
+                result = result + output * scaling
         return result.to(result_dtype)
 
 

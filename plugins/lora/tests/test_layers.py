@@ -617,6 +617,25 @@ def test_linear_matches_its_dense_weight_and_merges_exactly(case, seed):
         torch.testing.assert_close(base.bias, bias, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_merge_adds_scaling_b_a_and_unmerge_takes_it_back(conv1d, dtype):
+    """The fused path (one GEMM into the weight, float32) and the delta path (bfloat16 on CPU) agree with the formula."""
+    torch.manual_seed(0)
+    base = (Conv1D(6, 9) if conv1d else nn.Linear(9, 6)).to(dtype)
+    layer = wrap(base, r=3, lora_alpha=5, init_lora_weights="gaussian").to(dtype)
+    nn.init.normal_(layer.lora_B["default"].weight)
+    original = base.weight.detach().clone()
+    A, B = layer.lora_A["default"].weight.float(), layer.lora_B["default"].weight.float()
+    delta = (5 / 3) * B @ A
+    expected = original.float() + (delta.T if conv1d else delta)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 1e-2}
+    layer.merge()
+    torch.testing.assert_close(base.weight.float(), expected, **tol)
+    layer.unmerge()
+    torch.testing.assert_close(base.weight.float(), original.float(), **tol)
+
+
 # ---------------------------------------------------------------------- batched mixed path
 @pytest.mark.parametrize("kind", ["linear", "transformers_conv1d"])
 @pytest.mark.parametrize("shape", [(7, 5, 8), (7, 8)], ids=["3d", "2d"])
