@@ -709,9 +709,16 @@ class Linear(LoraLayer):
         every_row = len(rows) == len(adapter_names)
         sub = x if every_row else x[torch.tensor(rows, device=x.device)]
         sub = sub.to(stack_A.dtype).reshape(len(rows), -1, self.in_features)
-        hidden = torch.bmm(sub, stack_A[which].transpose(1, 2))
-        output = torch.bmm(hidden, stack_B[which].transpose(1, 2)) * scaling[which].view(-1, 1, 1)
-        output = output.reshape(len(rows), *result.shape[1:]).to(result.dtype)
+        # scaled at rank width, where it is cheap
+        hidden = torch.bmm(sub, stack_A[which].transpose(1, 2)) * scaling[which].view(-1, 1, 1)
+        factors_B = stack_B[which].transpose(1, 2)
+        plain_base = type(self.base_layer) is nn.Linear and not _output_hooked(self.base_layer)
+        if every_row and plain_base and result.dtype == hidden.dtype:
+            # As in forward: F.linear's output is not saved for backward, so the second product
+            # can accumulate into it, with no output-sized temporary.
+            result.view(len(rows), -1, self.out_features).baddbmm_(hidden, factors_B)
+            return result
+        output = torch.bmm(hidden, factors_B).reshape(len(rows), *result.shape[1:]).to(result.dtype)
         if every_row:
             return result + output
         result[torch.tensor(rows, device=x.device)] += output
