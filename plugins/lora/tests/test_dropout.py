@@ -95,3 +95,20 @@ def test_modules_and_cases_it_does_not_cover_run_the_dropout_module_itself():
     dropped, factor = dropout_input(Recording(0.5), x)
     assert Recording.calls == 1 and factor == 1.0
     assert set(torch.unique(dropped / x).tolist()) <= {0.0, 2.0}
+
+
+def test_activation_checkpointing_recomputes_the_same_mask():
+    """checkpoint() restores the CPU generator before recomputing, so the mask and the gradients match."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    layer = _wrap(nn.Linear(10, 7), 0.4).train()
+    x = torch.randn(3, 10, requires_grad=True)
+    params = (x, layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+
+    torch.manual_seed(5)
+    direct = torch.autograd.grad(layer(x).square().sum(), params)
+    torch.manual_seed(5)
+    checkpointed = torch.autograd.grad(checkpoint(layer, x, use_reentrant=False).square().sum(), params)
+    for got, want in zip(checkpointed, direct):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
